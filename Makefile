@@ -1,0 +1,52 @@
+# Set-up, tests, benchmarks and the demo. Each target creates .venv and
+# installs torch and the package on first use.
+#   make test    build + every CPU test + a quick kernel benchmark table
+#   make bench   the full kernel benchmarks; writes bench/RESULTS.md
+#   make demo    the main job end to end (for now: the kernel benchmark table)
+#   make lint    ruff (lint + format check) and clang-format
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-cuda bench demo lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and alone: build isolation is off (a second multi-GB torch
+# would be pulled into the build environment otherwise).
+$(VENV)/.torch-installed: | $(PY)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=68" wheel "cmake>=3.26" ninja
+	touch $@
+
+install: $(VENV)/.torch-installed
+	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+	ALIGNER_BENCH_QUICK=1 $(PY) bench/run.py --no-write
+
+test-cuda: install
+	$(PY) -m pytest tests/cuda $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
+
+demo: install
+	$(PY) bench/run.py --no-write
+
+lint: install
+	$(VENV)/bin/ruff check aligner tests bench setup.py
+	$(VENV)/bin/ruff format --check aligner tests bench setup.py
+	@if command -v clang-format >/dev/null; then \
+		clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/* csrc/include/aligner/*; \
+	else echo "clang-format not installed: skipped (apt-get install clang-format)"; fi
+
+format: install
+	$(VENV)/bin/ruff format aligner tests bench setup.py
+	$(VENV)/bin/ruff check --fix aligner tests bench setup.py
+
+clean:
+	rm -rf build aligner/_C*.so *.egg-info

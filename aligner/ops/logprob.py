@@ -1,0 +1,109 @@
+"""Per-token log-probabilities and entropy of logits, from one read of the logits.
+
+These are the Python faces of ``torch.ops.aligner.logprobs_entropy_forward``
+and ``..._backward`` (csrc/cpu/logprob*.cpp, csrc/cuda/logprob.cu): typed
+functions, fake kernels for ``torch.compile``, and autograd. The forward
+never materializes a ``[N, V]`` tensor; the backward writes
+``grad * (onehot - softmax)`` (plus the entropy term) in one pass from the
+saved per-row log-sum-exp and entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import aligner._C  # noqa: F401  (registers torch.ops.aligner)
+
+_forward = torch.ops.aligner.logprobs_entropy_forward.default
+_backward = torch.ops.aligner.logprobs_entropy_backward.default
+
+
+def _out_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("aligner::logprobs_entropy_forward")
+def _forward_fake(logits, labels, temperature, ignore_index, with_logprobs, with_entropy):
+    shape = logits.shape[:-1]
+    dtype = _out_dtype(logits)
+    lse = logits.new_empty(shape, dtype=dtype)
+    logprobs = logits.new_empty(shape if with_logprobs else (0,), dtype=dtype)
+    entropy = logits.new_empty(shape if with_entropy else (0,), dtype=dtype)
+    return logprobs, entropy, lse
+
+
+@torch.library.register_fake("aligner::logprobs_entropy_backward")
+def _backward_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, with_logprobs, with_entropy = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.with_logprobs = with_logprobs
+    ctx.with_entropy = with_entropy
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_fn(ctx, grad_logprobs, grad_entropy, grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    grad_logprobs = grad_logprobs if ctx.with_logprobs else None
+    grad_entropy = grad_entropy if ctx.with_entropy else None
+    if grad_logprobs is None and grad_entropy is None:
+        return torch.zeros_like(logits), None, None, None, None, None
+    grad = _backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+    )
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("aligner::logprobs_entropy_forward", _backward_fn, setup_context=_setup_context)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+    """Log-probability of each label: ``log_softmax(logits / T, -1)[..., label]``.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16, float16 (or float64) scores.
+        labels: ``[...]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
+        temperature: positive divisor applied to the logits.
+        ignore_index: label value whose position gets log-prob 0 and zero gradient.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 logits). Differentiable w.r.t. ``logits``;
+        the gradient comes back in the logits' dtype.
+
+    Raises:
+        TypeError: non-floating logits or non-integer labels.
+        ValueError: labels not of shape ``logits.shape[:-1]``, temperature <= 0.
+        IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
+    """
+    logprobs, _, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, False)
+    return logprobs
+
+
+def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Entropy of each row's distribution: ``-sum_j p_j log p_j`` with ``p = softmax(logits / T)``.
+
+    Zero-probability entries (``-inf`` logits) contribute 0. Returns ``[...]`` float32
+    (float64 for float64 logits); differentiable w.r.t. ``logits``.
+    """
+    _, entropy, _ = _forward(logits, None, float(temperature), -100, False, True)
+    return entropy
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """``(token_logprobs(...), token_entropy(...))`` from a single pass over the logits.
+
+    The entropy is computed for every row, ``ignore_index`` rows included, since it
+    does not depend on the label. Both outputs are differentiable w.r.t. ``logits``.
+    Raises as :func:`token_logprobs`.
+    """
+    logprobs, entropy, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, True)
+    return logprobs, entropy

@@ -1,0 +1,178 @@
+// CPU entry points of the fused log-prob / entropy ops: checks, output
+// allocation, threading, and the choice of vectorized row kernels
+// (logprob_vec.cpp) for this CPU. float64 input takes a scalar path over the
+// same shared math, so gradcheck runs in double precision.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "aligner/softmax_stats.h"
+#include "checks.h"
+#include "logprob_kernels.h"
+#include "ops.h"
+
+namespace aligner {
+namespace cpu {
+
+const LogprobKernels& active_logprob_kernels() {
+  // ALIGNER_CPU_CAPABILITY=default|avx2|avx512 forces a variant (to test
+  // each one on a machine that supports them all).
+  static const LogprobKernels kernels = [] {
+    const char* forced = std::getenv("ALIGNER_CPU_CAPABILITY");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (forced != nullptr) {
+      if (std::strcmp(forced, "avx512") == 0 && avx512) return cap_avx512::logprob_kernels();
+      if (std::strcmp(forced, "avx2") == 0 && avx2) return cap_avx2::logprob_kernels();
+      return cap_default::logprob_kernels();
+    }
+    if (avx512) return cap_avx512::logprob_kernels();
+    if (avx2) return cap_avx2::logprob_kernels();
+    return cap_default::logprob_kernels();
+  }();
+  return kernels;
+}
+
+namespace {
+
+ElemType elem_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ElemType::kFloat;
+    case at::kBFloat16:
+      return ElemType::kBFloat16;
+    case at::kHalf:
+      return ElemType::kHalf;
+    default:
+      TORCH_CHECK_TYPE(false, "logits dtype ", t, " is not supported (use float32, bfloat16, float16 or float64)");
+  }
+}
+
+// Rows per task: enough logits per task that scheduling is noise.
+int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
+
+// float64: plain per-element loop over the shared math.
+void forward_double(const LogprobInputs& in, double inv_t, int64_t ignore_index, double* logprobs, double* entropy,
+                    double* lse) {
+  const double* logits = in.logits.const_data_ptr<double>();
+  const int64_t* labels = in.labels.defined() ? in.labels.const_data_ptr<int64_t>() : nullptr;
+  const int64_t V = in.vocab;
+  at::parallel_for(0, in.rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      SoftmaxStats<double> st = softmax_stats_empty<double>();
+      for (int64_t j = 0; j < V; ++j) softmax_stats_add(st, logits[r * V + j] * inv_t);
+      lse[r] = softmax_stats_lse(st);
+      if (entropy != nullptr) entropy[r] = softmax_stats_entropy(st);
+      if (logprobs != nullptr) {
+        logprobs[r] = labels[r] == ignore_index ? 0.0 : logits[r * V + labels[r]] * inv_t - lse[r];
+      }
+    }
+  });
+}
+
+void backward_double(const LogprobInputs& in, double inv_t, int64_t ignore_index, const double* lse,
+                     const double* entropy, const double* grad_lp, const double* grad_ent, double* grad) {
+  const double* logits = in.logits.const_data_ptr<double>();
+  const int64_t* labels = in.labels.defined() ? in.labels.const_data_ptr<int64_t>() : nullptr;
+  const int64_t V = in.vocab;
+  at::parallel_for(0, in.rows, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = labels != nullptr ? labels[r] : ignore_index;
+      const double g_lp = (grad_lp != nullptr && label != ignore_index) ? grad_lp[r] : 0.0;
+      const double g_ent = grad_ent != nullptr ? grad_ent[r] : 0.0;
+      const double h = entropy != nullptr ? entropy[r] : 0.0;
+      for (int64_t j = 0; j < V; ++j) {
+        grad[r * V + j] =
+            softmax_grad(logits[r * V + j] * inv_t, j == label && label != ignore_index, lse[r], h, g_lp, g_ent) *
+            inv_t;
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+std::tuple<Tensor, Tensor, Tensor> logprobs_entropy_forward_cpu(const Tensor& logits, const OptTensor& labels,
+                                                                double temperature, int64_t ignore_index,
+                                                                bool with_logprobs, bool with_entropy) {
+  const auto in = prepare_logprob_inputs(logits, labels, temperature, ignore_index, with_logprobs);
+  const auto out_dtype = compute_dtype(logits);
+  const auto opts = logits.options().dtype(out_dtype);
+  const auto shape = row_shape(logits);
+  Tensor lse = at::empty(shape, opts);
+  Tensor logprobs = with_logprobs ? at::empty(shape, opts) : at::empty({0}, opts);
+  Tensor entropy = with_entropy ? at::empty(shape, opts) : at::empty({0}, opts);
+  if (in.rows == 0) return {logprobs, entropy, lse};
+
+  if (out_dtype == at::kDouble) {
+    cpu::forward_double(in, 1.0 / temperature, ignore_index, with_logprobs ? logprobs.data_ptr<double>() : nullptr,
+                        with_entropy ? entropy.data_ptr<double>() : nullptr, lse.data_ptr<double>());
+    return {logprobs, entropy, lse};
+  }
+  cpu::ForwardArgs args{};
+  args.logits = in.logits.const_data_ptr();
+  args.elem_type = cpu::elem_type_of(in.logits.scalar_type());
+  args.vocab = in.vocab;
+  args.labels = with_logprobs ? in.labels.const_data_ptr<int64_t>() : nullptr;
+  args.ignore_index = ignore_index;
+  args.inv_temperature = static_cast<float>(1.0 / temperature);
+  args.logprobs = with_logprobs ? logprobs.data_ptr<float>() : nullptr;
+  args.entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  args.lse = lse.data_ptr<float>();
+  const cpu::RowsFn fn = cpu::active_logprob_kernels().forward[static_cast<int>(args.elem_type)];
+  at::parallel_for(0, in.rows, cpu::row_grain(in.vocab),
+                   [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
+  return {logprobs, entropy, lse};
+}
+
+Tensor logprobs_entropy_backward_cpu(const OptTensor& grad_logprobs, const OptTensor& grad_entropy,
+                                     const Tensor& logits, const OptTensor& labels, const Tensor& lse,
+                                     const OptTensor& entropy, double temperature, int64_t ignore_index) {
+  const bool with_lp = grad_logprobs.has_value();
+  const bool with_ent = grad_entropy.has_value();
+  TORCH_CHECK_VALUE(!with_ent || entropy.has_value(), "grad_entropy needs the saved entropy");
+  // Labels were checked by the forward; only their presence matters here.
+  const auto in = prepare_logprob_inputs(logits, with_lp ? labels : std::nullopt, temperature, ignore_index, false);
+  LogprobInputs prepared = in;
+  if (with_lp) prepared.labels = labels->reshape({in.rows}).to(at::kLong).contiguous();
+  const auto acc = compute_dtype(logits);
+  auto flat = [&](const OptTensor& t) -> Tensor {
+    return t.has_value() ? t->reshape({in.rows}).to(acc).contiguous() : Tensor();
+  };
+  const Tensor g_lp = flat(grad_logprobs);
+  const Tensor g_ent = flat(grad_entropy);
+  const Tensor saved_lse = flat(lse);
+  const Tensor saved_ent = with_ent ? flat(entropy) : Tensor();
+  Tensor grad = at::empty_like(prepared.logits);
+  if (in.rows > 0) {
+    if (acc == at::kDouble) {
+      cpu::backward_double(prepared, 1.0 / temperature, ignore_index, saved_lse.const_data_ptr<double>(),
+                           with_ent ? saved_ent.const_data_ptr<double>() : nullptr,
+                           with_lp ? g_lp.const_data_ptr<double>() : nullptr,
+                           with_ent ? g_ent.const_data_ptr<double>() : nullptr, grad.data_ptr<double>());
+    } else {
+      cpu::BackwardArgs args{};
+      args.logits = prepared.logits.const_data_ptr();
+      args.elem_type = cpu::elem_type_of(prepared.logits.scalar_type());
+      args.vocab = in.vocab;
+      args.labels = with_lp ? prepared.labels.const_data_ptr<int64_t>() : nullptr;
+      args.ignore_index = ignore_index;
+      args.inv_temperature = static_cast<float>(1.0 / temperature);
+      args.lse = saved_lse.const_data_ptr<float>();
+      args.entropy = with_ent ? saved_ent.const_data_ptr<float>() : nullptr;
+      args.grad_logprobs = with_lp ? g_lp.const_data_ptr<float>() : nullptr;
+      args.grad_entropy = with_ent ? g_ent.const_data_ptr<float>() : nullptr;
+      args.grad_logits = grad.data_ptr();
+      const cpu::RowsFn fn = cpu::active_logprob_kernels().backward[static_cast<int>(args.elem_type)];
+      at::parallel_for(0, in.rows, cpu::row_grain(in.vocab),
+                       [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
+    }
+  }
+  return grad.view(logits.sizes());
+}
+
+}  // namespace aligner

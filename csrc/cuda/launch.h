@@ -1,0 +1,45 @@
+// Kernel launchers of the CUDA ops: raw pointers and a stream, so the .cu
+// files include no ATen header and compile in seconds. ops_cuda.cpp turns
+// tensors into these calls.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace aligner::cuda {
+
+enum class ElemType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2, kDouble = 3 };
+
+// Per-row forward over logits [rows, vocab]; out pointers may be null except
+// lse. Outputs are float (double for kDouble).
+void launch_logprob_forward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
+                            int64_t ignore_index, double inv_temperature, void* logprobs, void* entropy, void* lse,
+                            cudaStream_t stream);
+
+// grad_logits [rows, vocab] in the logits' type; per-row inputs are float
+// (double for kDouble); grad_logprobs/grad_entropy/entropy/labels may be null.
+void launch_logprob_backward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
+                             int64_t ignore_index, double inv_temperature, const void* lse, const void* entropy,
+                             const void* grad_logprobs, const void* grad_entropy, void* grad_logits,
+                             cudaStream_t stream);
+
+// Elementwise over n values of float (or double when is_double).
+void launch_kl_forward(const void* logprobs, const void* ref_logprobs, int64_t n, int estimator, bool is_double,
+                       void* out, cudaStream_t stream);
+void launch_kl_backward(const void* grad, const void* logprobs, const void* ref_logprobs, int64_t n, int estimator,
+                        bool is_double, void* grad_logprobs, cudaStream_t stream);
+
+// x [rows, cols] float/double, mask [rows, cols] bool; outputs [rows].
+void launch_masked_moments(const void* x, const bool* mask, int64_t rows, int64_t cols, bool is_double, void* count,
+                           void* mean, void* m2, cudaStream_t stream);
+
+void launch_gae(const void* rewards, const void* values, const bool* mask, int64_t batch, int64_t time,
+                double gamma, double lam, bool carry_forward, bool is_double, void* advantages, void* returns,
+                cudaStream_t stream);
+
+void launch_group_advantages(const void* rewards, const bool* valid, int64_t groups, int64_t group_size,
+                             bool leave_one_out, bool scale_by_std, double eps, bool is_double, void* out,
+                             cudaStream_t stream);
+
+}  // namespace aligner::cuda
