@@ -43,10 +43,37 @@ float reduce_max(const Vec& v) {
   return m;
 }
 
-// Returns a pointer to chunk [begin, begin + n) of the row as fp32: the row
-// itself for fp32 input, else `buf` filled by a vectorized conversion.
+// Returns chunk [begin, begin + n) of the row as fp32 (the row itself for
+// fp32 input, else `buf` filled by a vectorized conversion) and, through
+// `chunk_max`, its largest value, found in the same pass.
 template <typename scalar_t>
-const float* load_chunk(const scalar_t* row, int64_t begin, int64_t n, float* buf) {
+const float* load_chunk(const scalar_t* row, int64_t begin, int64_t n, float* buf, float* chunk_max) {
+  Vec vmax(-std::numeric_limits<float>::infinity());
+  const float* out;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    out = row + begin;
+    for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(out + i));
+  } else {
+    const scalar_t* src = row + begin;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec v;
+      at::vec::load_to_float<scalar_t>(src + i, v);
+      v.store(buf + i);
+      vmax = at::vec::maximum(vmax, v);
+    }
+    for (int64_t j = i; j < n; ++j) buf[j] = static_cast<float>(src[j]);
+    out = buf;
+  }
+  float m = reduce_max(vmax);
+  for (; i < n; ++i) m = std::max(m, out[i]);
+  *chunk_max = m;
+  return out;
+}
+
+// load_chunk without the max, for the backward.
+template <typename scalar_t>
+const float* load_chunk_nomax(const scalar_t* row, int64_t begin, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row + begin;
   } else {
@@ -62,15 +89,10 @@ const float* load_chunk(const scalar_t* row, int64_t begin, int64_t n, float* bu
   }
 }
 
-// Merges the statistics of x[0, n) * inv_t into `st`.
+// Merges the statistics of x[0, n) * inv_t into `st`, given chunk_max = max x.
 template <bool kEntropy>
-SoftmaxStats<float> chunk_stats(const float* x, int64_t n, float inv_t, SoftmaxStats<float> st) {
+SoftmaxStats<float> chunk_stats(const float* x, int64_t n, float chunk_max, float inv_t, SoftmaxStats<float> st) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  Vec vmax(neg_inf);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
-  float chunk_max = reduce_max(vmax);
-  for (; i < n; ++i) chunk_max = std::max(chunk_max, x[i]);
   // inv_t > 0, so max(x) * inv_t is the max of the scaled values.
   const float m = std::max(st.max, chunk_max * inv_t);
   if (m == neg_inf) return st;  // every value so far is -inf
@@ -82,7 +104,7 @@ SoftmaxStats<float> chunk_stats(const float* x, int64_t n, float inv_t, SoftmaxS
   // keeps e * (z - m) at 0 instead of 0 * -inf = NaN.
   const Vec vlowest(std::numeric_limits<float>::lowest());
   Vec vsum(0.f), vsum_ez(0.f);
-  i = 0;
+  int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec shifted = at::vec::fmadd(Vec::loadu(x + i), vscale, vneg_m);
     const Vec e = shifted.exp_u20();
@@ -112,7 +134,9 @@ void forward_rows_impl(const ForwardArgs& a, int64_t row_begin, int64_t row_end)
     SoftmaxStats<float> st = softmax_stats_empty<float>();
     for (int64_t c = 0; c < V; c += kChunk) {
       const int64_t n = std::min(kChunk, V - c);
-      st = chunk_stats<kEntropy>(load_chunk(row, c, n, buf), n, a.inv_temperature, st);
+      float chunk_max;
+      const float* x = load_chunk(row, c, n, buf, &chunk_max);
+      st = chunk_stats<kEntropy>(x, n, chunk_max, a.inv_temperature, st);
     }
     const float lse = softmax_stats_lse(st);
     a.lse[r] = lse;
@@ -192,7 +216,7 @@ void backward_rows(const void* args, int64_t row_begin, int64_t row_end) {
     for (int64_t c = 0; c < V; c += kChunk) {
       const int64_t n = std::min(kChunk, V - c);
       float* out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grad_row) + c : out_buf;
-      chunk_grad(load_chunk(row, c, n, in_buf), n, a.inv_temperature, a.lse[r], entropy, g_lp, g_ent, out);
+      chunk_grad(load_chunk_nomax(row, c, n, in_buf), n, a.inv_temperature, a.lse[r], entropy, g_lp, g_ent, out);
       if (has_label && label >= c && label < c + n) out[label - c] += g_lp * a.inv_temperature;
       store_chunk(out, grad_row + c, n);
     }
