@@ -12,14 +12,20 @@ import aligner
 
 INFO = aligner.build_info()
 NVCC_PRESENT = bool(os.environ.get("CUDA_HOME")) or shutil.which("nvcc") is not None
-CUDA_EXPECTED = (
-    NVCC_PRESENT and torch.version.cuda is not None and os.environ.get("ALIGNER_CPU_ONLY", "0") in ("", "0")
-)
+CUDA_EXPECTED = NVCC_PRESENT and torch.version.cuda is not None and os.environ.get("ALIGNER_CPU_ONLY", "0") in ("", "0")
 
 
 def test_build_info_reports_versions_and_flags():
-    for key in ("torch_version", "torch_cuda_version", "has_cuda_kernels", "cuda_archs", "cxx_flags", "cuda_flags",
-                "cutlass_version", "cpu_capability"):
+    for key in (
+        "torch_version",
+        "torch_cuda_version",
+        "has_cuda_kernels",
+        "cuda_archs",
+        "cxx_flags",
+        "cuda_flags",
+        "cutlass_version",
+        "cpu_capability",
+    ):
         assert key in INFO, key
     assert INFO["torch_version"] == torch.__version__.split("+")[0]
     assert INFO["cpu_capability"] in ("default", "avx2", "avx512")

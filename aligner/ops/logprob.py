@@ -55,9 +55,7 @@ def _backward_fn(ctx, grad_logprobs, grad_entropy, grad_lse):
     grad_entropy = grad_entropy if ctx.with_entropy else None
     if grad_logprobs is None and grad_entropy is None:
         return torch.zeros_like(logits), None, None, None, None, None
-    grad = _backward(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
-    )
+    grad = _backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
     return grad, None, None, None, None, None
 
 
