@@ -8,6 +8,10 @@
 
 namespace aligner {
 
+at::Tensor as_bool_mask(const at::Tensor& mask) {
+  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+}
+
 void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
                    " must be a floating-point tensor (float32, bfloat16, float16 or float64), got ",

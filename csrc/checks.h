@@ -29,6 +29,9 @@ std::vector<int64_t> row_shape(const at::Tensor& logits);
 at::ScalarType compute_dtype(const at::Tensor& a);
 at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b);
 
+// mask != 0 as a contiguous bool tensor (no copy when it already is one).
+at::Tensor as_bool_mask(const at::Tensor& mask);
+
 void check_floating(const at::Tensor& t, const char* name);
 void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name);
 void check_kl_estimator(int64_t estimator);

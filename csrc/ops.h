@@ -24,6 +24,8 @@ using OptTensor = std::optional<Tensor>;
   std::tuple<Tensor, Tensor> kl_penalty_backward_##dev(const Tensor& grad, const Tensor& logprobs,            \
                                                        const Tensor& ref_logprobs, int64_t estimator);        \
   std::tuple<Tensor, Tensor, Tensor> masked_moments_##dev(const Tensor& x, const Tensor& mask);               \
+  std::tuple<Tensor, Tensor, Tensor> masked_whiten_##dev(const Tensor& x, const Tensor& mask, bool shift_mean,  \
+                                                         double eps);                                          \
   std::tuple<Tensor, Tensor> gae_##dev(const Tensor& rewards, const Tensor& values, const Tensor& mask,       \
                                        double gamma, double lam, bool carry_forward);                         \
   Tensor group_advantages_##dev(const Tensor& rewards, const OptTensor& valid, int64_t group_size,            \

@@ -3,12 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#include "cpu/logprob_kernels.h"
+#include "cpu/vec_kernels.h"
 #include "ops.h"
-
-namespace aligner::cpu {
-const LogprobKernels& active_logprob_kernels();
-}
 
 TORCH_LIBRARY(aligner, m) {
   // Per-row log-softmax statistics of logits [..., V] / temperature:
@@ -26,6 +22,9 @@ TORCH_LIBRARY(aligner, m) {
       "kl_penalty_backward(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator) -> (Tensor, Tensor)");
   // Per row of x [..., C] over mask != 0: (count, mean, sum of squared deviations).
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor, Tensor, Tensor)");
+  // Over all elements with mask != 0: ((x - mean) * rstd [+ mean], 0 where masked; mean; rstd),
+  // rstd = rsqrt(population variance + eps).
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, bool carry_forward) "
       "-> (Tensor, Tensor)");
@@ -40,6 +39,7 @@ TORCH_LIBRARY(aligner, m) {
   m.impl("kl_penalty_forward", &aligner::kl_penalty_forward_##dev);               \
   m.impl("kl_penalty_backward", &aligner::kl_penalty_backward_##dev);             \
   m.impl("masked_moments", &aligner::masked_moments_##dev);                       \
+  m.impl("masked_whiten", &aligner::masked_whiten_##dev);                         \
   m.impl("gae", &aligner::gae_##dev);                                             \
   m.impl("group_advantages", &aligner::group_advantages_##dev);
 
@@ -77,7 +77,7 @@ pybind11::dict build_info() {
   info["cutlass_version"] = ALIGNER_BUILD_CUTLASS_VERSION;
   info["ptxas_report_dir"] = ALIGNER_BUILD_PTXAS_DIR;
   info["cpu_capabilities"] = py::make_tuple("default", "avx2", "avx512");
-  info["cpu_capability"] = aligner::cpu::active_logprob_kernels().capability;
+  info["cpu_capability"] = aligner::cpu::active_capability();
   return info;
 }
 

@@ -128,19 +128,54 @@ def masked_var(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return m2 / count.clamp_min(1)
 
 
+@torch.library.register_fake("aligner::masked_whiten")
+def _whiten_fake(x, mask, shift_mean, eps):
+    dtype = _float_dtype(x)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=dtype), x.new_empty((), dtype=dtype)
+
+
+def _whiten_setup_context(ctx, inputs, output):
+    x, mask, shift_mean, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mask, mean, rstd)
+    ctx.shift_mean = shift_mean
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _whiten_backward(ctx, grad_out, grad_mean, grad_rstd):
+    # y = (x - mean) * rstd over the n valid entries (batch-norm backward):
+    #   dx = valid * rstd * (g - mean(g) - y * mean(g * y)),  plus valid * mean(g) when the mean is added back.
+    x, mask, mean, rstd = ctx.saved_tensors
+    valid = (mask != 0).to(mean.dtype)
+    n = valid.sum().clamp_min(1)
+    g = grad_out * valid
+    y = (x.to(mean.dtype) - mean) * rstd * valid
+    mean_g = g.sum() / n
+    mean_gy = (g * y).sum() / n
+    grad = valid * rstd * (g - mean_g - y * mean_gy)
+    if not ctx.shift_mean:
+        grad = grad + valid * mean_g
+    return grad.to(x.dtype), None, None, None
+
+
+torch.library.register_autograd("aligner::masked_whiten", _whiten_backward, setup_context=_whiten_setup_context)
+
+
 def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(x - mean) * rsqrt(var + eps)`` with mean and population variance over the valid entries.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes), as in
     NeMo-Aligner. Positions where ``mask == 0`` are 0 in the output. Returns float32
     (float64 for float64 ``x``); differentiable w.r.t. ``x``.
+
+    Raises:
+        ValueError: ``mask`` not of the shape of ``x``; ``eps < 0``.
     """
-    count, mean, m2 = _moments(x, mask, None)
-    var = m2 / count.clamp_min(1)
-    whitened = (x.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask != 0, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+    if not isinstance(mask, Tensor) or mask.shape != x.shape:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {got}")
+    whitened, _, _ = torch.ops.aligner.masked_whiten(x, mask, bool(shift_mean), float(eps))
+    return whitened
 
 
 # ---- advantages --------------------------------------------------------------

@@ -7,36 +7,14 @@
 
 #include <sys/mman.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "aligner/softmax_stats.h"
 #include "checks.h"
-#include "logprob_kernels.h"
+#include "vec_kernels.h"
 #include "ops.h"
 
 namespace aligner {
 namespace cpu {
-
-const LogprobKernels& active_logprob_kernels() {
-  // ALIGNER_CPU_CAPABILITY=default|avx2|avx512 forces a variant (to test
-  // each one on a machine that supports them all).
-  static const LogprobKernels kernels = [] {
-    const char* forced = std::getenv("ALIGNER_CPU_CAPABILITY");
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (forced != nullptr) {
-      if (std::strcmp(forced, "avx512") == 0 && avx512) return cap_avx512::logprob_kernels();
-      if (std::strcmp(forced, "avx2") == 0 && avx2) return cap_avx2::logprob_kernels();
-      return cap_default::logprob_kernels();
-    }
-    if (avx512) return cap_avx512::logprob_kernels();
-    if (avx2) return cap_avx2::logprob_kernels();
-    return cap_default::logprob_kernels();
-  }();
-  return kernels;
-}
 
 namespace {
 

@@ -14,7 +14,7 @@
 #include <limits>
 
 #include "aligner/softmax_stats.h"
-#include "logprob_kernels.h"
+#include "vec_kernels.h"
 
 namespace aligner::cpu::ALIGNER_CPU_NS {
 namespace {

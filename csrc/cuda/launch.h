@@ -34,6 +34,12 @@ void launch_kl_backward(const void* grad, const void* logprobs, const void* ref_
 void launch_masked_moments(const void* x, const bool* mask, int64_t rows, int64_t cols, bool is_double, void* count,
                            void* mean, void* m2, cudaStream_t stream);
 
+// out = (x - mean) * rstd (+ mean unless shift_mean) where mask, else 0, with
+// mean and rstd from the device scalars count/mean/m2 (no host sync); writes rstd.
+void launch_masked_whiten(const void* x, const bool* mask, int64_t n, const void* count, const void* mean,
+                          const void* m2, bool shift_mean, double eps, bool is_double, void* out, void* rstd,
+                          cudaStream_t stream);
+
 void launch_gae(const void* rewards, const void* values, const bool* mask, int64_t batch, int64_t time,
                 double gamma, double lam, bool carry_forward, bool is_double, void* advantages, void* returns,
                 cudaStream_t stream);

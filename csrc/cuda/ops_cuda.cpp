@@ -5,6 +5,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cmath>
+
 #include "checks.h"
 #include "launch.h"
 #include "ops.h"
@@ -117,10 +119,32 @@ std::tuple<Tensor, Tensor, Tensor> masked_moments_cuda(const Tensor& x, const Te
   Tensor count = at::zeros(shape, opts), mean = at::zeros(shape, opts), m2 = at::zeros(shape, opts);
   if (R == 0) return {count, mean, m2};
   const Tensor xs = x.reshape({R, C}).to(dtype).contiguous();
-  const Tensor ms = mask.reshape({R, C}).ne(0).contiguous();
+  const Tensor ms = as_bool_mask(mask.reshape({R, C}));
   cuda::launch_masked_moments(xs.const_data_ptr(), ms.const_data_ptr<bool>(), R, C, dtype == at::kDouble,
                               count.data_ptr(), mean.data_ptr(), m2.data_ptr(), stream());
   return {count, mean, m2};
+}
+
+std::tuple<Tensor, Tensor, Tensor> masked_whiten_cuda(const Tensor& x, const Tensor& mask, bool shift_mean,
+                                                      double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_floating(x, "x");
+  check_same_shape(x, "x", mask, "mask");
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  const auto [count, mean, m2] = masked_moments_cuda(x.reshape({1, -1}), mask.reshape({1, -1}));
+  const auto dtype = compute_dtype(x);
+  const Tensor xs = x.to(dtype).contiguous();
+  const Tensor ms = as_bool_mask(mask);
+  Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  Tensor rstd = at::empty({}, x.options().dtype(dtype));
+  if (xs.numel() > 0) {
+    cuda::launch_masked_whiten(xs.const_data_ptr(), ms.const_data_ptr<bool>(), xs.numel(), count.const_data_ptr(),
+                               mean.const_data_ptr(), m2.const_data_ptr(), shift_mean, eps, dtype == at::kDouble,
+                               out.data_ptr(), rstd.data_ptr(), stream());
+  } else {
+    rstd.fill_(1.0 / std::sqrt(eps));
+  }
+  return {out, mean.reshape({}), rstd};
 }
 
 std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values, const Tensor& mask, double gamma,
@@ -130,7 +154,7 @@ std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
   const auto dtype = compute_dtype(rewards, values);
   const Tensor r = rewards.to(dtype).contiguous();
   const Tensor v = values.to(dtype).contiguous();
-  const Tensor m = mask.ne(0).contiguous();
+  const Tensor m = as_bool_mask(mask);
   Tensor adv = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
   Tensor ret = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
   cuda::launch_gae(r.const_data_ptr(), v.const_data_ptr(), m.const_data_ptr<bool>(), rewards.size(0),
@@ -145,7 +169,7 @@ Tensor group_advantages_cuda(const Tensor& rewards, const OptTensor& valid, int6
   check_group_args(rewards, valid, group_size, eps);
   const auto dtype = compute_dtype(rewards);
   const Tensor r = rewards.to(dtype).contiguous();
-  const Tensor v = valid.has_value() ? valid->ne(0).contiguous() : Tensor();
+  const Tensor v = valid.has_value() ? as_bool_mask(*valid) : Tensor();
   Tensor out = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
   cuda::launch_group_advantages(r.const_data_ptr(), v.defined() ? v.const_data_ptr<bool>() : nullptr,
                                 rewards.numel() / group_size, group_size, leave_one_out, scale_by_std, eps,

@@ -72,6 +72,22 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename acc_t>
+__global__ void masked_whiten_kernel(const acc_t* __restrict x, const bool* __restrict mask, int64_t n,
+                                     const acc_t* __restrict count, const acc_t* __restrict mean,
+                                     const acc_t* __restrict m2, bool shift_mean, acc_t eps, acc_t* __restrict out,
+                                     acc_t* __restrict rstd_out) {
+  const acc_t c = *count;
+  const acc_t mu = *mean;
+  const acc_t var = c > acc_t(0) ? *m2 / c : acc_t(0);
+  const acc_t r = acc_t(1) / math_sqrt(var + eps);
+  const acc_t offset = shift_mean ? -mu * r : mu - mu * r;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *rstd_out = r;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = mask[i] ? x[i] * r + offset : acc_t(0);
+  }
+}
+
+template <typename acc_t>
 __global__ void gae_kernel(const acc_t* __restrict__ rewards, const acc_t* __restrict__ values,
                            const bool* __restrict__ mask, int64_t batch, int64_t time, acc_t gamma, acc_t lam,
                            bool carry_forward, acc_t* __restrict__ advantages, acc_t* __restrict__ returns) {
@@ -141,6 +157,23 @@ void launch_masked_moments(const void* x, const bool* mask, int64_t rows, int64_
                                                                 static_cast<float*>(m2));
   }
   check_launch("masked_moments_kernel");
+}
+
+void launch_masked_whiten(const void* x, const bool* mask, int64_t n, const void* count, const void* mean,
+                          const void* m2, bool shift_mean, double eps, bool is_double, void* out, void* rstd,
+                          cudaStream_t stream) {
+  const unsigned blocks = blocks_for(n, kThreads);
+  if (is_double) {
+    masked_whiten_kernel<double><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const double*>(x), mask, n, static_cast<const double*>(count), static_cast<const double*>(mean),
+        static_cast<const double*>(m2), shift_mean, eps, static_cast<double*>(out), static_cast<double*>(rstd));
+  } else {
+    masked_whiten_kernel<float><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const float*>(x), mask, n, static_cast<const float*>(count), static_cast<const float*>(mean),
+        static_cast<const float*>(m2), shift_mean, static_cast<float>(eps), static_cast<float*>(out),
+        static_cast<float*>(rstd));
+  }
+  check_launch("masked_whiten_kernel");
 }
 
 void launch_gae(const void* rewards, const void* values, const bool* mask, int64_t batch, int64_t time,
