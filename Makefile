@@ -15,10 +15,12 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and alone: build isolation is off (a second multi-GB torch
-# would be pulled into the build environment otherwise).
+# torch and the build requirements first: build isolation is off (a second
+# multi-GB torch would be pulled into the build environment otherwise), so
+# everything the build reads (torch, CUTLASS/CuTe headers) must be in place.
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0
 $(VENV)/.torch-installed: | $(PY)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=68" wheel "cmake>=3.26" ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(CUTLASS_SPEC)" "setuptools>=68" wheel "cmake>=3.26" ninja
 	touch $@
 
 install: $(VENV)/.torch-installed

@@ -22,9 +22,12 @@ LOGIT_SHAPES = ((256, 4096),) if QUICK else ((4096, 32768), (2048, 128256))
 GAE_SHAPE = (32, 128) if QUICK else (256, 1024)  # (batch, seq)
 SMALL_OPS_SHAPE = (32, 256) if QUICK else (256, 1024)  # (batch, seq)
 GROUPS = (64, 8) if QUICK else (4096, 16)  # (prompts, samples per prompt)
+# (tokens, hidden, vocab) of the LM head: Llama-2-sized and Llama-3-sized vocabularies.
+LINEAR_SHAPES = ((256, 128, 4096),) if QUICK else ((4096, 1024, 32768), (4096, 1024, 128256))
 
 TORCH, ALIGNER, EXP_FLOOR = "torch", "aligner", "exp floor"
 FUSED, LOGPROBS_ONLY = "aligner fused", "aligner token_logprobs"
+MATMUL_ONLY = "matmul alone"
 LOGPROB_FWD_SPEEDUP = {torch.float32: 4.0, torch.bfloat16: 5.0}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -43,6 +46,11 @@ def torch_token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tenso
     """-(softmax * log_softmax).sum(-1): [N, V] -> [N]."""
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     return -(torch.softmax(scaled, dim=-1) * torch.log_softmax(scaled, dim=-1)).sum(-1)
+
+
+def torch_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The LM head then log_softmax and gather: [N, H] x [V, H] -> [N, V] logits -> [N]."""
+    return torch_token_logprobs(hidden @ weight.T, labels, TEMPERATURE)
 
 
 def nemo_gae_loop(
@@ -229,6 +237,80 @@ def logprob_specs() -> list[GroupSpec]:
     return specs
 
 
+def _linear_inputs(tokens: int, hidden_size: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    device = bench_device()
+    hidden = torch.randn(tokens, hidden_size, device=device)  # [N, H]
+    weight = torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5  # [V, H]
+    labels = torch.randint(0, vocab, (tokens,), device=device)  # [N]
+    return hidden, weight, labels
+
+
+def _linear_fwd(tokens: int, hidden_size: int, vocab: int) -> list[Case]:
+    hidden, weight, labels = _linear_inputs(tokens, hidden_size, vocab)
+    read = hidden.nbytes + weight.nbytes
+    return [
+        Case(TORCH, lambda: torch_linear_token_logprobs(hidden, weight, labels), read),
+        Case(MATMUL_ONLY, lambda: hidden @ weight.T, read),
+        Case(ALIGNER, lambda: ops.linear_token_logprobs(hidden, weight, labels, temperature=TEMPERATURE), read),
+    ]
+
+
+def _linear_fwd_bwd(tokens: int, hidden_size: int, vocab: int) -> list[Case]:
+    hidden, weight, labels = _linear_inputs(tokens, hidden_size, vocab)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    grad_out = torch.ones(tokens, device=hidden.device)
+    read = 2 * (hidden.nbytes + weight.nbytes)
+
+    def grads_of(fn):
+        return lambda: torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight), grad_out)
+
+    def aligner_head(h, w, y):
+        return ops.linear_token_logprobs(h, w, y, temperature=TEMPERATURE)
+
+    return [
+        Case(TORCH, grads_of(torch_linear_token_logprobs), read),
+        Case(ALIGNER, grads_of(aligner_head), read),
+    ]
+
+
+def linear_specs() -> list[GroupSpec]:
+    """linear_token_logprobs (chunked LM head + log-probs) against the matmul then log_softmax/gather.
+
+    fp32 forward at every shape, with the matmul alone as the floor; forward+backward
+    at the first shape only (a CPU takes seconds per matmul at full size).
+    """
+    section = "LM head log-probs (linear_token_logprobs)"
+    specs = []
+    for i, (tokens, hidden_size, vocab) in enumerate(LINEAR_SHAPES):
+        shape = f"fp32 N={tokens} H={hidden_size} V={vocab}"
+        args = (tokens, hidden_size, vocab)
+        specs.append(
+            GroupSpec(
+                section,
+                f"linear_token_logprobs fwd {shape}",
+                (TORCH, MATMUL_ONLY, ALIGNER),
+                functools.partial(_linear_fwd, *args),
+                (
+                    Target(
+                        "fwd peak extra mem <= 10% of torch", ALIGNER, TORCH, 0.10, at_least=False, quantity="memory"
+                    ),
+                    Target("fwd time <= 1.3x the matmul alone", ALIGNER, MATMUL_ONLY, 1.3, at_least=False),
+                ),
+            )
+        )
+        if i == 0:
+            specs.append(
+                GroupSpec(
+                    section,
+                    f"linear_token_logprobs fwd+bwd {shape}",
+                    (TORCH, ALIGNER),
+                    functools.partial(_linear_fwd_bwd, *args),
+                )
+            )
+    return specs
+
+
 def _gae(loop, mask_mode: str) -> list[Case]:
     batch, seq = GAE_SHAPE
     rewards = torch.randn(batch, seq, device=bench_device())
@@ -315,4 +397,4 @@ def small_op_specs() -> list[GroupSpec]:
 
 def all_specs() -> list[GroupSpec]:
     """Every group, in the order run.py measures and prints them."""
-    return logprob_specs() + gae_specs() + small_op_specs()
+    return logprob_specs() + linear_specs() + gae_specs() + small_op_specs()

@@ -6,6 +6,12 @@ functions, fake kernels for ``torch.compile``, and autograd. The forward
 never materializes a ``[N, V]`` tensor; the backward writes
 ``grad * (onehot - softmax)`` (plus the entropy term) in one pass from the
 saved per-row log-sum-exp and entropy.
+
+Backward contract relied on by :mod:`aligner.parallel.vocab_parallel`: the
+backward op does not range-check labels. A label that is not ``ignore_index``
+but lies outside ``[0, V)`` gets no one-hot term, only ``-g_lp * p`` (plus the
+entropy term): exactly the gradient of a vocab shard that does not own the
+label. ``tests/ops/test_logprob.py::test_backward_label_outside_shard`` pins it.
 """
 
 from __future__ import annotations

@@ -169,18 +169,20 @@ void chunk_grad(const float* x, int64_t n, float inv_t, float lse, float entropy
   const Vec vg_ent(g_ent);
   const Vec vbase(g_lp + g_ent * entropy);
   const Vec vneg_inv_t(-inv_t);
-  const Vec vlowest(std::numeric_limits<float>::lowest());
+  const Vec vzero(0.f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec logp = at::vec::fmadd(Vec::loadu(x + i), vscale, vneg_lse);
     const Vec p = logp.exp_u20();
-    const Vec coef = at::vec::fmadd(at::vec::maximum(logp, vlowest), vg_ent, vbase);
-    (p * coef * vneg_inv_t).store(out + i);
+    // A zero-probability entry contributes 0 (the limit of p log p), as in
+    // softmax_grad: select it explicitly, since logp * g_ent may be -inf there.
+    const Vec coef = at::vec::fmadd(logp, vg_ent, vbase);
+    Vec::blendv(p * coef * vneg_inv_t, vzero, p == vzero).store(out + i);
   }
   for (; i < n; ++i) {
     const float logp = std::fma(x[i], inv_t, -lse);
     const float p = std::exp(logp);
-    out[i] = -p * (g_lp + g_ent * (std::max(logp, std::numeric_limits<float>::lowest()) + entropy)) * inv_t;
+    out[i] = p > 0.f ? -p * (g_lp + g_ent * (logp + entropy)) * inv_t : 0.f;
   }
 }
 

@@ -1,0 +1,39 @@
+"""Process groups and vocab-parallel log-probs.
+
+- :func:`initialize` / :func:`destroy` (:mod:`aligner.parallel.initialize`): the
+  default process group and megatron-core's tensor/pipeline/data-parallel groups
+  from the torchrun environment (NCCL on GPUs, gloo on CPU), plus seeding.
+- :func:`vocab_parallel_token_logprobs`, :func:`vocab_parallel_entropy`,
+  :func:`vocab_parallel_token_logprobs_and_entropy` and
+  :func:`vocab_parallel_linear_token_logprobs`
+  (:mod:`aligner.parallel.vocab_parallel`): the ``aligner.ops`` results when the
+  vocabulary is split over a tensor-parallel group.
+
+``initialize`` imports megatron-core (seconds), so it is loaded on first use.
+"""
+
+from typing import Any
+
+from aligner.parallel.vocab_parallel import (
+    vocab_parallel_entropy,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+    vocab_parallel_token_logprobs_and_entropy,
+)
+
+__all__ = [
+    "destroy",
+    "initialize",
+    "vocab_parallel_entropy",
+    "vocab_parallel_linear_token_logprobs",
+    "vocab_parallel_token_logprobs",
+    "vocab_parallel_token_logprobs_and_entropy",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("initialize", "destroy"):
+        from aligner.parallel import initialize as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'aligner.parallel' has no attribute {name!r}")
