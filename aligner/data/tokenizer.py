@@ -1,0 +1,109 @@
+"""Tokenizers: load a Hugging Face tokenizer from disk, or build a tiny byte-level BPE one offline.
+
+:func:`build_tokenizer` trains a byte-level BPE (every byte is in the vocabulary,
+so any text round-trips) on the synthetic arithmetic texts, adds special tokens
+and a chat template, and saves a folder that ``AutoTokenizer.from_pretrained``
+loads. Tests, the demo and the recipes use it so nothing is downloaded.
+
+The chat template renders each turn as ``<|role|>content<|eos|>`` after one
+``<|bos|>``; ``add_generation_prompt`` appends ``<|assistant|>``. Role markers
+and eos are special tokens, so the tokens of a prompt rendered with the
+generation prompt are exactly a prefix of the tokens of the prompt plus its
+response, and every assistant turn ends with eos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS.values())
+NUM_BYTE_TOKENS = 256
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tokenizer(
+    out_dir: str | Path, texts: Sequence[str] | None = None, vocab_size: int = 384
+) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer with special tokens and a chat template; save it to ``out_dir``.
+
+    Deterministic: the same texts and ``vocab_size`` give byte-identical files.
+
+    Args:
+        out_dir: folder to write (``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``).
+        texts: training texts; default :func:`aligner.data.synthetic.tokenizer_corpus`.
+        vocab_size: upper bound on the vocabulary (256 bytes + 6 special tokens + merges); the
+            result is smaller when the texts run out of merges.
+
+    Returns:
+        The tokenizer as ``AutoTokenizer.from_pretrained(out_dir)`` loads it.
+
+    Raises:
+        ValueError: ``vocab_size`` below the 256 byte tokens plus the special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from aligner.data.synthetic import tokenizer_corpus
+
+    smallest = NUM_BYTE_TOKENS + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size must be >= {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus() if texts is None else list(texts), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=list(ROLE_TOKENS.values()),
+        chat_template=CHAT_TEMPLATE,
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer folder with ``AutoTokenizer`` without touching the network.
+
+    A tokenizer without a pad token gets ``pad_token = eos_token`` (padding positions are never
+    trained, so sharing the id is harmless).
+
+    Raises:
+        ValueError: the tokenizer has no eos token (responses must end with one).
+        OSError: ``path`` holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no eos_token; set one in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

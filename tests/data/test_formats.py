@@ -1,0 +1,284 @@
+"""Record formats: every accepted field layout and alias, and errors that name file and line or row."""
+
+import json
+import re
+from pathlib import Path
+
+import datasets
+import pytest
+
+from aligner.data.formats import (
+    KTORecord,
+    PreferenceRecord,
+    RegressionRecord,
+    RLPromptRecord,
+    SFTRecord,
+    load_json_dataset,
+    read_jsonl,
+    read_records,
+    read_rows,
+)
+
+USER = {"role": "user", "content": "What is 1 + 2?"}
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def one(row: dict, kind: str):
+    (record,) = read_rows([row], kind)
+    return record
+
+
+# --- sft ---------------------------------------------------------------------------------------------
+
+
+def test_sft_input_output():
+    record = one({"input": "What is 1 + 2?", "output": "3"}, "sft")
+    assert record == SFTRecord(messages=[USER, {"role": "assistant", "content": "3"}], origin="dataset row 0")
+
+
+def test_sft_prompt_completion_alias():
+    record = one({"prompt": "What is 1 + 2?", "completion": "3"}, "sft")
+    assert record.messages == [USER, {"role": "assistant", "content": "3"}]
+
+
+def test_sft_messages_multi_turn():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        USER,
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    assert one({"messages": messages}, "sft").messages == messages
+
+
+def test_sft_nemo_conversations():
+    row = {
+        "system": "Be brief.",
+        "conversations": [{"from": "User", "value": "What is 1 + 2?"}, {"from": "Assistant", "value": "3"}],
+        "mask": "User",
+    }
+    assert one(row, "sft").messages == [
+        {"role": "system", "content": "Be brief."},
+        USER,
+        {"role": "assistant", "content": "3"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": [USER]}, "no assistant turn"),
+        ({"messages": [USER, {"role": "assistant", "content": " "}]}, "empty response in assistant turn 1"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0] has role 'robot'"),
+        ({"input": "q", "output": ""}, "empty response in field 'output'"),
+        ({"input": "q"}, "missing field 'output' or 'completion'"),
+    ],
+)
+def test_sft_errors(row, message):
+    with pytest.raises(ValueError, match=rf"^dataset row 0: .*{re.escape(message)}"):
+        one(row, "sft")
+
+
+# --- preference --------------------------------------------------------------------------------------
+
+
+def test_preference_plain_with_rewards():
+    row = {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4", "chosen_reward": 1, "rejected_reward": 0.5}
+    assert one(row, "preference") == PreferenceRecord(
+        prompt=[USER], chosen="3", rejected="4", chosen_reward=1.0, rejected_reward=0.5, origin="dataset row 0"
+    )
+
+
+def test_preference_nemo_aliases():
+    record = one({"prompt": "What is 1 + 2?", "chosen_response": "3", "rejected_response": "4"}, "preference")
+    assert (record.prompt, record.chosen, record.rejected, record.chosen_reward) == ([USER], "3", "4", None)
+
+
+def test_preference_trl_implicit_prompt():
+    row = {
+        "chosen": [USER, {"role": "assistant", "content": "3"}],
+        "rejected": [USER, {"role": "assistant", "content": "4"}],
+    }
+    record = one(row, "preference")
+    assert (record.prompt, record.chosen, record.rejected) == ([USER], "3", "4")
+
+
+def test_preference_trl_explicit_prompt_messages():
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, USER],
+        "chosen": [{"role": "assistant", "content": "3"}],
+        "rejected": [{"role": "assistant", "content": "4"}],
+    }
+    record = one(row, "preference")
+    assert record.prompt == [{"role": "system", "content": "Be brief."}, USER]
+    assert (record.chosen, record.rejected) == ("3", "4")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "q", "rejected": "4"}, "missing field 'chosen' or 'chosen_response'"),
+        ({"chosen": "3", "rejected": "4"}, "missing field 'prompt'"),
+        ({"prompt": "q", "chosen": "", "rejected": "4"}, "empty response in field 'chosen'"),
+        ({"prompt": "q", "chosen": "3", "rejected": "4", "chosen_reward": 1}, "must be given together"),
+        ({"prompt": "q", "chosen": "3", "rejected": "4", "chosen_reward": "a", "rejected_reward": 0}, "a number"),
+        (
+            {
+                "chosen": [USER, {"role": "assistant", "content": "3"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "4"}],
+            },
+            "share their prompt turns",
+        ),
+        ({"prompt": [USER, {"role": "assistant", "content": "3"}], "chosen": "3", "rejected": "4"}, "ends with an"),
+    ],
+)
+def test_preference_errors(row, message):
+    with pytest.raises(ValueError, match=rf"^dataset row 0: .*{re.escape(message)}"):
+        one(row, "preference")
+
+
+# --- regression --------------------------------------------------------------------------------------
+
+
+def test_regression_attributes_dict():
+    row = {"prompt": "What is 1 + 2?", "response": "3", "attributes": {"helpfulness": 3, "verbosity": 0}}
+    assert one(row, "regression") == RegressionRecord(
+        prompt=[USER], response="3", attributes={"helpfulness": 3.0, "verbosity": 0.0}, origin="dataset row 0"
+    )
+
+
+def test_regression_helpsteer2_columns():
+    row = {"prompt": "What is 1 + 2?", "response": "3", "helpfulness": 4, "correctness": 4, "coherence": 4}
+    row.update({"complexity": 1, "verbosity": None})  # None: a missing label, as datasets fills absent columns
+    assert one(row, "regression").attributes == {
+        "helpfulness": 4.0,
+        "correctness": 4.0,
+        "coherence": 4.0,
+        "complexity": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "q", "response": "3"}, "missing field 'attributes'"),
+        ({"prompt": "q", "response": "3", "attributes": {"helpfulness": "high"}}, "must be a number"),
+        ({"prompt": "q", "response": "", "helpfulness": 1}, "empty response"),
+    ],
+)
+def test_regression_errors(row, message):
+    with pytest.raises(ValueError, match=rf"^dataset row 0: .*{re.escape(message)}"):
+        one(row, "regression")
+
+
+# --- kto / rl_prompt ---------------------------------------------------------------------------------
+
+
+def test_kto_response_and_trl_completion():
+    assert one({"prompt": "What is 1 + 2?", "response": "3", "label": True}, "kto") == KTORecord(
+        prompt=[USER], response="3", desirable=True, origin="dataset row 0"
+    )
+    row = {"prompt": [USER], "completion": [{"role": "assistant", "content": "4"}], "label": False}
+    record = one(row, "kto")
+    assert (record.response, record.desirable) == ("4", False)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "q", "response": "3", "label": 1}, "'label' must be true or false"),
+        ({"prompt": "q", "response": "3"}, "missing field 'label'"),
+        ({"prompt": "q", "response": "  ", "label": True}, "empty response"),
+    ],
+)
+def test_kto_errors(row, message):
+    with pytest.raises(ValueError, match=rf"^dataset row 0: .*{re.escape(message)}"):
+        one(row, "kto")
+
+
+def test_rl_prompt_keeps_extra_fields():
+    record = one({"prompt": "What is 1 + 2?", "answer": 3, "source": "synthetic"}, "rl_prompt")
+    assert record == RLPromptRecord(prompt=[USER], extra={"answer": 3, "source": "synthetic"}, origin="dataset row 0")
+
+
+# --- sources and error locations ---------------------------------------------------------------------
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path: Path):
+    good = json.dumps({"prompt": "q", "chosen": "3", "rejected": "4"})
+    lines = [good] * 16 + [json.dumps({"prompt": "q", "rejected": "4"})]
+    path = write_lines(tmp_path / "train.jsonl", lines)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:17: missing field 'chosen'"):
+        read_jsonl(path, "preference")
+
+    path = write_lines(tmp_path / "bad.jsonl", [good, '{"prompt": "q", "chosen": '])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: malformed JSON"):
+        read_jsonl(path, "preference")
+
+    path = write_lines(tmp_path / "list.jsonl", ["[1, 2]"])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:1: expected a JSON object, got list"):
+        read_jsonl(path, "preference")
+
+    sft_rows = [json.dumps({"input": "q", "output": "a"}), json.dumps({"input": "q", "output": ""})]
+    path = write_lines(tmp_path / "empty.jsonl", sft_rows)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: empty response in field 'output'"):
+        read_jsonl(path, "sft")
+
+
+def test_jsonl_skips_blank_lines_but_keeps_numbering(tmp_path: Path):
+    row = json.dumps({"input": "q", "output": "a"})
+    path = write_lines(tmp_path / "train.jsonl", [row, "", "   ", row])
+    records = read_jsonl(path, "sft")
+    assert [record.origin for record in records] == [f"{path}:1", f"{path}:4"]
+
+
+def test_hf_dataset_errors_name_the_row():
+    dataset = datasets.Dataset.from_list(
+        [{"prompt": "q", "response": "a", "label": True}, {"prompt": "q", "response": "", "label": False}]
+    )
+    with pytest.raises(ValueError, match=r"^dataset row 1: empty response"):
+        read_records(dataset, "kto")
+    records = read_records(dataset.select([0]), "kto")
+    assert records == [
+        KTORecord(prompt=[{"role": "user", "content": "q"}], response="a", desirable=True, origin="dataset row 0")
+    ]
+
+
+def test_load_dataset_json_matches_line_reader(tmp_path: Path):
+    rows = [
+        {"prompt": "What is 1 + 2?", "chosen": "3", "rejected": "4"},
+        {
+            "prompt": "What is 2 + 2?",
+            "chosen_response": "4",
+            "rejected_response": "5",
+            "chosen_reward": 1.0,
+            "rejected_reward": 0.0,
+        },
+    ]
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(row) for row in rows])
+    by_lines = read_records(path, "preference")
+    by_datasets = read_records(path, "preference", reader="datasets", cache_dir=tmp_path / "cache")
+    assert [record.origin for record in by_datasets] == [f"{path} row 0", f"{path} row 1"]
+
+    def fields(record: PreferenceRecord) -> tuple:
+        return record.prompt, record.chosen, record.rejected, record.chosen_reward, record.rejected_reward
+
+    assert [fields(record) for record in by_lines] == [fields(record) for record in by_datasets]
+
+    broken = write_lines(tmp_path / "broken.jsonl", [json.dumps(rows[0]), json.dumps({"prompt": "q"})])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(broken))} row 1: missing field 'chosen'"):
+        load_json_dataset(broken, "preference", cache_dir=tmp_path / "cache")
+
+
+def test_bad_kind_reader_and_source(tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown record kind 'dpo'"):
+        read_records([], "dpo")
+    with pytest.raises(ValueError, match="unknown reader"):
+        read_records(tmp_path / "x.jsonl", "sft", reader="pandas")
+    with pytest.raises(TypeError, match="cannot read records from int"):
+        read_records(3, "sft")
