@@ -147,6 +147,8 @@ def build_model(
         rotary_base=config.rope_theta,
         **rope_scaling,
     )
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
     if num_value_outputs is not None and post_process:
         head = ScalarHead(config.hidden_size, num_value_outputs, config.init_std, config.torch_dtype)
         model.output_layer = head.to(model.decoder.final_layernorm.weight.device)
@@ -160,6 +162,33 @@ def build_model(
     model.aligner_config = config
     model.aligner_num_value_outputs = num_value_outputs
     return model
+
+
+def _mark_tensor_parallel_weights(model: GPTModel) -> None:
+    """Give split weights megatron's tensor-parallel attributes, as its initializers would.
+
+    megatron-core 0.16 sets ``tensor_model_parallel`` / ``partition_dim`` on a
+    split weight only inside its weight initializers, which a model built for a
+    checkpoint load skips; unmarked, the gradient norm (clipping) and distributed
+    checkpoints would treat shards as replicated copies.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int = 0) -> torch.Tensor:

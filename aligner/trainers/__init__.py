@@ -1,0 +1,1 @@
+"""Training loops: :class:`~aligner.trainers.offline.OfflineTrainer` for every offline algorithm."""

@@ -1,0 +1,1 @@
+from random_seed import fresh_seed  # noqa: F401  (autouse: a fresh, printed seed per test)

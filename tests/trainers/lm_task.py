@@ -1,0 +1,167 @@
+"""A tiny next-token task for trainer tests, independent of aligner.data and aligner.algorithms.
+
+- :class:`TokenSteps`: a resumable data source in the trainer's format (per step,
+  this rank's list of micro-batch dicts following the batch contract:
+  right-padded ``input_ids``, ``labels`` = next token on response positions and
+  -100 elsewhere, ``lengths``). Rows have random lengths and prompt lengths, so
+  micro-batches carry different numbers of trained tokens.
+- :func:`lm_forward_step`: summed next-token NLL over trained tokens with a
+  token-count-weighted accuracy metric.
+- :func:`random_full_state_dict` / :func:`make_model`: the same weights on any
+  tensor/pipeline layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from aligner.models.config import ModelConfig
+
+CONFIG = ModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=64,
+    vocab_size=64,
+    max_position_embeddings=64,
+)
+SEQ = 16
+PAD_ID = 0
+
+
+def random_full_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in the full (tensor-parallel size 1) megatron layout."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d = config.hidden_size, config.head_dim
+    qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * d
+
+    def normal(*shape, mean=0.0, std=0.1):
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    sd = {
+        "embedding.word_embeddings.weight": normal(config.vocab_size, h, std=0.5),
+        "decoder.final_layernorm.weight": normal(h, mean=1.0),
+        "output_layer.weight": normal(config.vocab_size, h, std=0.2),
+    }
+    for i in range(config.num_layers):
+        p = f"decoder.layers.{i}."
+        sd[p + "input_layernorm.weight"] = normal(h, mean=1.0)
+        sd[p + "self_attention.linear_qkv.weight"] = normal(qkv_rows, h, std=0.15)
+        sd[p + "self_attention.linear_proj.weight"] = normal(h, config.num_attention_heads * d, std=0.15)
+        sd[p + "pre_mlp_layernorm.weight"] = normal(h, mean=1.0)
+        sd[p + "mlp.linear_fc1.weight"] = normal(2 * config.ffn_hidden_size, h, std=0.15)
+        sd[p + "mlp.linear_fc2.weight"] = normal(h, config.ffn_hidden_size, std=0.15)
+    return sd
+
+
+def make_model(seed: int, **config_changes):
+    """This rank's shard of CONFIG (with ``config_changes``) holding :func:`random_full_state_dict` weights."""
+    from aligner.models.gpt import build_model
+    from aligner.models.sharding import load_full_state_dict
+
+    config = replace(CONFIG, **config_changes)
+    model = build_model(config, init_weights=False)
+    load_full_state_dict(model, random_full_state_dict(config, seed))
+    return model
+
+
+def make_rows(generator: torch.Generator, rows: int) -> dict[str, torch.Tensor]:
+    """``rows`` right-padded sequences of random length with a random prompt part."""
+    input_ids = torch.full((rows, SEQ), PAD_ID, dtype=torch.long)
+    labels = torch.full((rows, SEQ), -100, dtype=torch.long)
+    lengths = torch.randint(3, SEQ + 1, (rows,), generator=generator)
+    for row, length in enumerate(lengths.tolist()):
+        input_ids[row, :length] = torch.randint(1, CONFIG.vocab_size, (length,), generator=generator)
+        prompt = int(torch.randint(1, length - 1, (), generator=generator))
+        # label t = token t+1 for response tokens t+1 in [prompt, length)
+        labels[row, prompt - 1 : length - 1] = input_ids[row, prompt:length]
+    return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
+
+
+class TokenSteps:
+    """``steps_per_epoch`` global batches per epoch, drawn from ``(seed, step index)``; resumable.
+
+    Each global batch has ``global_batch_size`` rows, cut into micro-batches of
+    ``micro_batch_size``; data-parallel rank r gets micro-batches r, r + dp, ...
+    ``fail_at`` raises :class:`Interrupted` when that (0-based) step is requested,
+    standing in for a crash.
+    """
+
+    def __init__(
+        self,
+        steps_per_epoch: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        *,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        fail_at: int | None = None,
+        bad_step: int | None = None,
+    ):
+        self.steps_per_epoch = steps_per_epoch
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.fail_at = fail_at
+        self.bad_step = bad_step
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def global_batch(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        return make_rows(generator, self.global_batch_size)
+
+    def __iter__(self):
+        epoch_end = (self.position // self.steps_per_epoch + 1) * self.steps_per_epoch
+        while self.position < epoch_end:
+            if self.position == self.fail_at:
+                raise Interrupted(f"simulated crash before step {self.position + 1}")
+            rows = self.global_batch(self.position)
+            if self.position == self.bad_step:
+                rows["poison"] = torch.tensor(True)
+            self.position += 1
+            micro = [
+                {k: (v[s : s + self.micro_batch_size] if v.dim() else v) for k, v in rows.items()}
+                for s in range(0, self.global_batch_size, self.micro_batch_size)
+            ]
+            yield micro[self.dp_rank :: self.dp_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def lm_forward_step(batch, model):
+    """Next-token NLL summed over trained tokens; ``count`` = trained tokens.
+
+    A batch with ``poison`` set makes the loss infinite (for the non-finite test).
+    """
+    logits = model(batch["input_ids"], None, None, runtime_gather_output=True)
+
+    def loss_func(logits):  # [b, s, vocab] on the last stage
+        labels = batch["labels"]
+        mask = labels != -100
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll = -(picked * mask).sum()
+        if "poison" in batch:
+            nll = nll + float("inf")
+        count = mask.sum()
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        return nll, count, {"accuracy": torch.stack([correct, count]), "rows": torch.tensor(float(labels.shape[0]))}
+
+    return logits, loss_func
