@@ -2,7 +2,8 @@
 # installs torch and the package on first use.
 #   make test    build + every CPU test + a quick kernel benchmark table
 #   make bench   the full kernel benchmarks; writes bench/RESULTS.md
-#   make demo    the main job end to end (for now: the kernel benchmark table)
+#   make demo    the main job end to end: synthetic data + tokenizer, SFT then DPO
+#                of a tiny model with torchrun on 2 CPU processes (a few minutes)
 #   make lint    ruff (lint + format check) and clang-format
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,8 +37,15 @@ test-cuda: install
 bench: install
 	$(PY) bench/run.py
 
+DEMO_DIR ?= .demo
+NPROC ?= 2
+TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+
 demo: install
-	$(PY) bench/run.py --no-write
+	rm -rf $(DEMO_DIR)/runs
+	$(PY) -m aligner.recipes.prepare_demo --out $(DEMO_DIR)
+	$(TORCHRUN) -m aligner.recipes.sft --config configs/sft_tiny.yaml
+	$(TORCHRUN) -m aligner.recipes.dpo --config configs/dpo_tiny.yaml
 
 lint: install
 	$(VENV)/bin/ruff check aligner tests bench setup.py
@@ -51,4 +59,4 @@ format: install
 	$(VENV)/bin/ruff check --fix aligner tests bench setup.py
 
 clean:
-	rm -rf build aligner/_C*.so *.egg-info
+	rm -rf build aligner/_C*.so *.egg-info .demo

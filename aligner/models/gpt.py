@@ -2,7 +2,7 @@
 
 The model is the current rank's shard: its pipeline stage's layers, and its
 tensor-parallel slice of every split weight. Call
-:func:`aligner.parallel.initialize.initialize` first.
+:func:`aligner.parallel.initialize` first.
 
 Two flavours share the builder:
 

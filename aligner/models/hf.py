@@ -246,7 +246,7 @@ def _open_source(
 
 def _check_parallel(tp: int | None, pp: int | None) -> None:
     if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("call aligner.parallel.initialize.initialize(tp=..., pp=...) before import_hf")
+        raise RuntimeError("call aligner.parallel.initialize(tp=..., pp=...) before import_hf")
     actual = (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -270,7 +270,7 @@ def import_hf(
         source: a local checkpoint directory (``config.json`` + safetensors), a
             ``LlamaForCausalLM``-like model, or its state dict (then ``config``).
         tp, pp: expected tensor / pipeline sizes; checked against the process
-            groups set up by :func:`aligner.parallel.initialize.initialize`.
+            groups set up by :func:`aligner.parallel.initialize`.
         config: the architecture when ``source`` is a state dict.
         num_value_outputs: build a value/reward model instead: the backbone gets
             the checkpoint's weights, the :class:`~aligner.models.gpt.ScalarHead` a

@@ -8,7 +8,7 @@ generator states. With those answered on the CPU, the model's own code
 (tensor-parallel layers over gloo, the pipeline schedules) runs unchanged.
 
 This is the only place aligner patches megatron-core or torch. The patches are
-applied by :func:`enable` (called by :func:`aligner.parallel.initialize.initialize`),
+applied by :func:`enable` (called by :func:`aligner.parallel.initialize`),
 only when ``torch.cuda.is_available()`` is False, never on a GPU machine; they
 are idempotent and :func:`disable` undoes them. What is patched:
 

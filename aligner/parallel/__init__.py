@@ -1,6 +1,6 @@
 """Process groups and vocab-parallel log-probs.
 
-- :func:`initialize` / :func:`destroy` (:mod:`aligner.parallel.initialize`): the
+- :func:`initialize` / :func:`destroy` (:mod:`aligner.parallel.groups`): the
   default process group and megatron-core's tensor/pipeline/data-parallel groups
   from the torchrun environment (NCCL on GPUs, gloo on CPU), plus seeding.
 - :func:`vocab_parallel_token_logprobs`, :func:`vocab_parallel_entropy`,
@@ -9,11 +9,10 @@
   (:mod:`aligner.parallel.vocab_parallel`): the ``aligner.ops`` results when the
   vocabulary is split over a tensor-parallel group.
 
-``initialize`` imports megatron-core (seconds), so it is loaded on first use.
+``initialize`` imports megatron-core (seconds) when it is called, not before.
 """
 
-from typing import Any
-
+from aligner.parallel.groups import destroy, initialize
 from aligner.parallel.vocab_parallel import (
     vocab_parallel_entropy,
     vocab_parallel_linear_token_logprobs,
@@ -29,11 +28,3 @@ __all__ = [
     "vocab_parallel_token_logprobs",
     "vocab_parallel_token_logprobs_and_entropy",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("initialize", "destroy"):
-        from aligner.parallel import initialize as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module 'aligner.parallel' has no attribute {name!r}")

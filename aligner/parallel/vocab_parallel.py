@@ -81,7 +81,7 @@ _LOCAL_IGNORE = -1
 def _group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            "vocab-parallel ops need torch.distributed to be initialized (aligner.parallel.initialize.initialize "
+            "vocab-parallel ops need torch.distributed to be initialized (aligner.parallel.initialize "
             "or torch.distributed.init_process_group); on one process use aligner.ops instead"
         )
     rank = dist.get_rank(group)

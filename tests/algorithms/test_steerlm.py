@@ -195,7 +195,7 @@ def _records(seed: int) -> list[dict]:
 def steerlm_worker(records):
     from aligner.generation.torch_engine import generate
     from aligner.models.gpt import build_model
-    from aligner.parallel.initialize import destroy, initialize
+    from aligner.parallel import destroy, initialize
 
     initialize()
     result = {}

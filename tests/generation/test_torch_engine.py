@@ -210,7 +210,7 @@ def _error(fn) -> str:
 def tp1_worker(state_dict):
     from aligner.models.gpt import build_model
     from aligner.models.sharding import load_full_state_dict
-    from aligner.parallel.initialize import destroy, initialize
+    from aligner.parallel import destroy, initialize
 
     initialize()
     model = build_model(CONFIG, init_weights=False)
@@ -250,7 +250,7 @@ def tp1_worker(state_dict):
 def tp2_worker(state_dict):
     from aligner.models.gpt import build_model
     from aligner.models.sharding import load_full_state_dict
-    from aligner.parallel.initialize import destroy, initialize
+    from aligner.parallel import destroy, initialize
 
     initialize(tp=2)
     model = build_model(CONFIG, init_weights=False)

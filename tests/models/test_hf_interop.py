@@ -78,7 +78,7 @@ def _forward(model, tokens):
 
 def worker(tp: int, pp: int, checkpoints: dict, out_root: str, tokens: torch.Tensor):
     from aligner.models.hf import export_hf, import_hf
-    from aligner.parallel.initialize import destroy, initialize
+    from aligner.parallel import destroy, initialize
 
     initialize(tp=tp, pp=pp)
     results = {}

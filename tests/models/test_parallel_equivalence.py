@@ -105,7 +105,7 @@ def worker(tp: int, pp: int, state_dict, batches):
 
     from aligner.models.gpt import build_model, mask_padded_vocab
     from aligner.models.sharding import load_full_state_dict
-    from aligner.parallel.initialize import destroy, initialize
+    from aligner.parallel import destroy, initialize
 
     initialize(tp=tp, pp=pp)
 

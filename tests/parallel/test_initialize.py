@@ -8,7 +8,7 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from aligner.parallel.initialize import initialize
+from aligner.parallel import initialize
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def worker():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     from aligner.models import megatron_cpu
-    from aligner.parallel.initialize import destroy
+    from aligner.parallel import destroy
 
     initialize(pp=2, seed=42)
     default_draw = torch.rand(3)
@@ -70,7 +70,7 @@ PLAIN_SCRIPT = """
 import torch
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model
-from aligner.parallel.initialize import destroy, initialize
+from aligner.parallel import destroy, initialize
 
 initialize()
 model = build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=50))

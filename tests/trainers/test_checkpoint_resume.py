@@ -41,7 +41,7 @@ def _trainer(
 def run_worker(seed: int, checkpoint_dir: str | None, fail_at: int | None):
     """Train (resuming from ``checkpoint_dir`` when it has a checkpoint); stop early at ``fail_at``."""
     from aligner.models.sharding import gather_full_state_dict
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
 
     initialize(seed=seed)
     data = TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, fail_at=fail_at)
@@ -84,7 +84,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, fresh_seed):
 def crash_worker(seed: int, checkpoint_dir: str):
     """Save at steps 2 and 4; die (no cleanup, like a kill) in the middle of writing step 4."""
     import aligner.checkpoint.state as state
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
 
     initialize(seed=seed)
     write = state._write
@@ -100,7 +100,7 @@ def crash_worker(seed: int, checkpoint_dir: str):
 
 def resume_worker(seed: int, checkpoint_dir: str):
     from aligner.checkpoint import load_model_weights
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
 
     initialize(seed=seed)
     data = TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed)

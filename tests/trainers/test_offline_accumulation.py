@@ -59,7 +59,7 @@ def _autograd_reference(seed: int, rows: dict[str, torch.Tensor]) -> dict:
 def worker(seed: int):
     from aligner.config import OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
     from aligner.trainers.offline import OfflineTrainer
 
     initialize()

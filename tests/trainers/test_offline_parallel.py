@@ -34,7 +34,7 @@ def worker(tp: int, pp: int, seed: int, checkpoint_dir: str, tensorboard_dir: st
 
     from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
     from aligner.trainers.offline import OfflineTrainer
 
     initialize(tp=tp, pp=pp)

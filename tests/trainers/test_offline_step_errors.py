@@ -11,7 +11,7 @@ GLOBAL_BATCH, MICRO_BATCH = 4, 2
 def worker(seed: int):
     from aligner.config import OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
-    from aligner.parallel.initialize import initialize
+    from aligner.parallel import initialize
     from aligner.trainers.offline import OfflineTrainer
 
     initialize()

@@ -1,0 +1,142 @@
+"""Reward models: pairwise (Bradley-Terry) or multi-attribute regression (SteerLM / HelpSteer2).
+
+    torchrun --nproc_per_node=2 -m aligner.recipes.rm --config configs/rm_tiny.yaml
+    torchrun --nproc_per_node=2 -m aligner.recipes.rm --config configs/rm_regression_tiny.yaml
+
+The model is the backbone with a scalar head (``num_outputs`` per token) read at
+each sequence's last real token.
+
+- ``rm.kind: pairwise`` on preference jsonl (``prompt``/``chosen``/``rejected``):
+  ``-logsigmoid(r_c - r_r - margin) + centering_coef * (r_c + r_r)^2`` averaged
+  over the global batch's pairs; reports accuracy and margins.
+- ``rm.kind: regression`` on attribute jsonl (``prompt``/``response``/``attributes``
+  or HelpSteer2 columns): squared error over the labelled attributes, averaged
+  over every labelled (example, attribute) entry of the global batch; missing
+  labels (-100) are masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from aligner.algorithms.dpo import split_pairs
+from aligner.algorithms.logprobs import last_token_values
+from aligner.algorithms.reward import pairwise_loss, regression_loss
+from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
+from aligner.data import HELPSTEER2_ATTRIBUTES
+from aligner.recipes.common import (
+    DataSection,
+    ModelSection,
+    build_model_from,
+    check_vocab,
+    fit,
+    load_dataset_split,
+    load_tokenizer_for,
+    make_loaders,
+    parse_command_line,
+    report,
+    setup,
+    weighted_metrics,
+)
+
+KINDS = ("pairwise", "regression")
+
+
+@dataclass
+class RMSection:
+    """The reward model's objective.
+
+    Attributes:
+        kind: "pairwise" (Bradley-Terry on preference pairs) or "regression" (attributes).
+        margin: pairwise only: a constant margin subtracted from ``r_c - r_r``.
+        centering_coef: pairwise only: weight of ``(r_c + r_r)^2`` (keeps rewards centred at 0).
+        attribute_names: regression only: the attributes, in the head's output order.
+    """
+
+    kind: str = "pairwise"
+    margin: float = 0.0
+    centering_coef: float = 0.0
+    attribute_names: list[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rm.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "regression" and not self.attribute_names:
+            raise ValueError("rm.attribute_names must name at least one attribute for a regression reward model")
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.kind == "pairwise" else len(self.attribute_names)
+
+
+@dataclass
+class RMRunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rm: RMSection = field(default_factory=RMSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def make_forward_step(rm: RMSection):
+    """The trainer's ``forward_step``: (summed loss, pairs or labelled entries, metrics)."""
+
+    def forward_step(batch, model):
+        values = model(batch["input_ids"], None, None)  # [B, S, num_outputs] on the last stage
+
+        def loss_func(values: torch.Tensor):
+            rewards = last_token_values(values.float(), batch["lengths"])  # [B, num_outputs]
+            if rm.kind == "pairwise":
+                chosen, rejected = split_pairs(rewards[:, 0])
+                loss, metrics = pairwise_loss(
+                    chosen, rejected, margin=rm.margin or None, centering_coef=rm.centering_coef
+                )
+                pairs = torch.tensor(chosen.shape[0])
+                return loss.sum(), pairs, weighted_metrics(metrics, chosen.shape[0])
+            loss, metrics = regression_loss(rewards, batch["attributes"])
+            per_attribute = {
+                f"mse_{name}": torch.stack([sse, count.double()])
+                for name, sse, count in zip(
+                    rm.attribute_names,
+                    metrics["attribute_mse"].double() * metrics["attribute_count"],
+                    metrics["attribute_count"],
+                    strict=True,
+                )
+            }
+            return loss.sum(), metrics["num_labels"], per_attribute
+
+        return values, loss_func
+
+    return forward_step
+
+
+def run(config: RMRunConfig):
+    """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
+    setup(config.parallel, config.trainer)
+    kind = "preference" if config.rm.kind == "pairwise" else "regression"
+    names = config.rm.attribute_names if kind == "regression" else ()
+    tokenizer = load_tokenizer_for(config.model, config.data)
+    train = load_dataset_split(config.data.train, kind, tokenizer, config.data, names)
+    val = None
+    if config.data.val is not None:
+        val = load_dataset_split(config.data.val, kind, tokenizer, config.data, names)
+    model = build_model_from(
+        config.model, num_value_outputs=config.rm.num_outputs, tp=config.parallel.tp, pp=config.parallel.pp
+    )
+    check_vocab(tokenizer, model)
+    return fit(config, model, make_forward_step(config.rm), *make_loaders(config, train, val))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    path, overrides = parse_command_line(argv, "Reward model training (pairwise or regression)")
+    report("rm", run(load_config(RMRunConfig, path, overrides)))
+
+
+if __name__ == "__main__":
+    main()
