@@ -82,6 +82,11 @@ def check_labels_in_vocab(flat_labels: Tensor, vocab: int, ignore_index: int, vo
     instead of an out-of-bounds read; ``vocab_source`` says where ``vocab`` comes from.
     """
     bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= vocab))
+    if torch.compiler.is_compiling():
+        # No data-dependent branch inside a compiled graph: the same check, raised when the graph runs.
+        message = f"labels: a value is outside [0, {vocab}) ({vocab_source}) and is not ignore_index={ignore_index}"
+        torch._assert_async(~bad.any(), message)
+        return
     if bad.any():
         position = int(bad.nonzero()[0, 0])
         raise IndexError(

@@ -54,6 +54,13 @@ def _differentiable_cases():
             lambda x: (ops.masked_whiten(x, mask, shift_mean=False) ** 2).sum(),
             (torch.randn(4, 9).requires_grad_(),),
         ),
+        # chunk_size=4 over 6 rows: a full chunk and a partial one, both traced.
+        "linear_token_logprobs": (
+            lambda h, w: sum(
+                out.sum() for out in ops.linear_token_logprobs(h, w, labels, chunk_size=4, return_entropy=True)
+            ),
+            (torch.randn(2, 3, 16).requires_grad_(), (torch.randn(37, 16) / 4).requires_grad_()),
+        ),
     }
 
 
@@ -163,3 +170,11 @@ def test_every_registered_op_has_an_opcheck_case():
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.aligner, name).default, args)
+
+
+def test_linear_token_logprobs_label_check_runs_in_the_compiled_graph():
+    compiled = torch.compile(lambda h, w, y: ops.linear_token_logprobs(h, w, y), backend=BACKEND, fullgraph=True)
+    hidden, weight = torch.randn(4, 8), torch.randn(11, 8)
+    compiled(hidden, weight, torch.tensor([0, 10, -100, 3]))
+    with pytest.raises(RuntimeError, match="labels"):
+        compiled(hidden, weight, torch.tensor([0, 11, -100, 3]))
