@@ -1,6 +1,6 @@
 """Tensor- and pipeline-parallel GPTModel shards compute what one process computes.
 
-Every case loads the same full weights (drawn here, independent of the model
+Every case loads the same full weights (tests/model_weights.py, independent of the model
 code) into ``build_model`` shards and runs one training step through
 megatron-core's schedule: ``forward_backward_no_pipelining`` at PP=1, the 1F1B
 schedule at PP=2, two micro-batches each, gloo on CPU; the tied-embedding case
@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from distributed import run_distributed
+from model_weights import random_full_state_dict
 
 from aligner.models.config import ModelConfig
 
@@ -30,33 +31,6 @@ VALUE_OUTPUTS = 3
 # fp32 throughout; sharding only reorders sums (row-parallel all-reduce, split
 # matmuls), which moves results by a few ulps.
 ATOL, RTOL = 1e-5, 1e-4
-
-
-def full_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights in the full (TP=1) megatron layout, plus a value head."""
-    gen = torch.Generator().manual_seed(seed)
-    h, d = config.hidden_size, config.head_dim
-    qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * d
-
-    def normal(*shape, mean=0.0, std=0.05):
-        return torch.randn(*shape, generator=gen) * std + mean
-
-    sd = {
-        "embedding.word_embeddings.weight": normal(config.vocab_size, h, std=0.5),
-        "decoder.final_layernorm.weight": normal(h, mean=1.0, std=0.1),
-        "output_layer.weight": normal(config.vocab_size, h, std=0.2),
-        "output_layer.linear.weight": normal(VALUE_OUTPUTS, h, std=0.2),
-        "output_layer.linear.bias": normal(VALUE_OUTPUTS),
-    }
-    for i in range(config.num_layers):
-        p = f"decoder.layers.{i}."
-        sd[p + "input_layernorm.weight"] = normal(h, mean=1.0, std=0.1)
-        sd[p + "self_attention.linear_qkv.weight"] = normal(qkv_rows, h, std=0.15)
-        sd[p + "self_attention.linear_proj.weight"] = normal(h, config.num_attention_heads * d, std=0.15)
-        sd[p + "pre_mlp_layernorm.weight"] = normal(h, mean=1.0, std=0.1)
-        sd[p + "mlp.linear_fc1.weight"] = normal(2 * config.ffn_hidden_size, h, std=0.15)
-        sd[p + "mlp.linear_fc2.weight"] = normal(h, config.ffn_hidden_size, std=0.15)
-    return sd
 
 
 def _run_step(model, batches, loss_from_output):
@@ -160,7 +134,7 @@ def _merge(results: list[dict]) -> dict:
 def inputs():
     tokens = torch.randint(0, CONFIG.vocab_size, (MICRO_BATCHES, MICRO_BATCH, SEQ + 1))
     batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
-    return full_state_dict(CONFIG, seed=int(torch.randint(0, 2**31, ()))), batches
+    return random_full_state_dict(CONFIG, int(torch.randint(0, 2**31, ())), VALUE_OUTPUTS), batches
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from model_weights import random_full_state_dict
 
 from aligner.models.config import ModelConfig
 
@@ -30,31 +31,6 @@ CONFIG = ModelConfig(
 )
 SEQ = 16
 PAD_ID = 0
-
-
-def random_full_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights in the full (tensor-parallel size 1) megatron layout."""
-    gen = torch.Generator().manual_seed(seed)
-    h, d = config.hidden_size, config.head_dim
-    qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * d
-
-    def normal(*shape, mean=0.0, std=0.1):
-        return torch.randn(*shape, generator=gen) * std + mean
-
-    sd = {
-        "embedding.word_embeddings.weight": normal(config.vocab_size, h, std=0.5),
-        "decoder.final_layernorm.weight": normal(h, mean=1.0),
-        "output_layer.weight": normal(config.vocab_size, h, std=0.2),
-    }
-    for i in range(config.num_layers):
-        p = f"decoder.layers.{i}."
-        sd[p + "input_layernorm.weight"] = normal(h, mean=1.0)
-        sd[p + "self_attention.linear_qkv.weight"] = normal(qkv_rows, h, std=0.15)
-        sd[p + "self_attention.linear_proj.weight"] = normal(h, config.num_attention_heads * d, std=0.15)
-        sd[p + "pre_mlp_layernorm.weight"] = normal(h, mean=1.0)
-        sd[p + "mlp.linear_fc1.weight"] = normal(2 * config.ffn_hidden_size, h, std=0.15)
-        sd[p + "mlp.linear_fc2.weight"] = normal(h, config.ffn_hidden_size, std=0.15)
-    return sd
 
 
 def make_model(seed: int, **config_changes):
