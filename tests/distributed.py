@@ -5,8 +5,8 @@
 ``worker`` must be a module-level function (it is pickled by reference into
 freshly spawned interpreters). Each process gets ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR`` and a free ``MASTER_PORT`` in its environment,
-one CPU thread per process and no visible GPU, and returns a value that
-``torch.save`` can write.
+one CPU thread per process and no visible GPU (unless ``gpus=True``), and
+returns a value that ``torch.save`` can write.
 An exception on any rank is re-raised here with that rank's traceback; a
 process that neither returns nor fails within ``timeout_s`` is killed and the
 call fails, naming the ranks that hung.
@@ -50,25 +50,26 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, res
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 240.0) -> list[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 240.0, gpus: bool = False
+) -> list[Any]:
     """``[fn(*args) on rank 0, ..., on rank world_size - 1]``, each in its own spawned process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [
-        ctx.Process(target=_child, args=(fn, rank, world_size, port, args, results), daemon=True)
-        for rank in range(world_size)
-    ]
+    procs = [ctx.Process(target=_child, args=(fn, rank, world_size, port, args, results)) for rank in range(world_size)]
     # The workers test the CPU path (gloo, megatron_cpu) on any machine: hide GPUs
     # from them. Spawned children copy the environment when they start.
+    # (gpus=True: the GPU code path, for tests/cuda-style checks on a GPU machine.)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         for proc in procs:
             proc.start()
     finally:
         if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
     outputs: dict[int, Any] = {}

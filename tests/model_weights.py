@@ -32,6 +32,6 @@ def random_full_state_dict(config: ModelConfig, seed: int, value_outputs: int | 
         sd[p + "mlp.linear_fc1.weight"] = normal(2 * config.ffn_hidden_size, h, std=0.15)
         sd[p + "mlp.linear_fc2.weight"] = normal(h, config.ffn_hidden_size, std=0.15)
     if value_outputs is not None:
-        sd["output_layer.linear.weight"] = normal(value_outputs, h, std=0.2)
-        sd["output_layer.linear.bias"] = normal(value_outputs, std=0.05)
+        sd["output_layer.weight"] = normal(value_outputs, h, std=0.2)
+        sd["output_layer.bias"] = normal(value_outputs, std=0.05)
     return sd

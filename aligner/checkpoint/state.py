@@ -1,42 +1,44 @@
 """Save and load a training run's full state: weights, optimizer, scheduler, RNG, data position.
 
-Layout of one checkpoint directory (committed atomically, see
+A checkpoint is a megatron-core distributed checkpoint (``dist_checkpointing``,
+``torch_dist`` format: every tensor stored once, as a slice of its full,
+unsharded shape) plus two files of ours; it is committed atomically (see
 :mod:`aligner.checkpoint.layout`)::
 
     step_000123/
-      meta.json                     # step, parallel layout, format; written last
+      meta.json                     # step, the writer's parallel layout, format; written last
       config.yaml                   # the run's configuration, when given
-      model_optim_tp00_pp00.pt      # per model-parallel rank, written by its first data-parallel
-                                    # replica: {"model": GPTModel.state_dict(),
-                                    #  "optimizer": megatron optimizer.state_dict(),
-                                    #  "scheduler": OptimizerParamScheduler.state_dict()}
-      rank_00000.pt                 # per global rank: {"rng": ..., "trainer": trainer_state}
-      optim_shard_00000.pt          # distributed optimizer only, per global rank: this rank's shard
-                                    # of the optimizer (fp32 main weights, torch AdamW state)
+      metadata.json, common.pt,     # megatron-core: format, the non-tensor state (scheduler,
+      .metadata, __*_*.distcp       #   trainer state, optimizer hyper-parameters), tensor shards
 
-Every file is a plain ``torch.save``; a checkpoint resumes only on the same
-tensor/pipeline/data-parallel layout (convert between layouts through
-:func:`aligner.models.hf.export_hf` / ``import_hf``). megatron-core's
-``dist_checkpointing`` would reshard, but its only save strategy
-(``torch_dist``) needs ``psutil``, which is not a dependency, and forks writer
-processes that hang the job when one of them fails; this layout keeps the
-megatron objects' own state dicts, so it is exact. The distributed optimizer's
-shard is saved as its inner torch optimizer's state plus its main weights,
-rather than through megatron's ``save_parameter_state``: with torch's AdamW
-(no Transformer Engine or Apex) megatron-core 0.16's ``load_parameter_state``
-fails on AdamW's per-parameter ``step`` (KeyError).
+The sharded state is ``{"model", "optimizer", "scheduler", "trainer", "rng"}``:
+
+- ``model``: ``GPTModel.sharded_state_dict()``; each rank writes its slice of every weight.
+- ``optimizer``: megatron's ``sharded_state_dict`` of its optimizer; Adam moments are
+  sliced like their weights. The distributed optimizer (GPU) is saved as
+  ``fully_reshardable``, a canonical per-weight state.
+- ``scheduler`` and ``trainer`` (step, data position): common to all ranks, written by rank 0.
+- ``rng``: one object per rank (Python, NumPy, torch, CUDA, megatron tracker streams).
+
+So a checkpoint loads into any tensor/pipeline/data-parallel layout: weights and
+optimizer state are resliced by megatron-core. Resuming on the layout that wrote it
+also restores every rank's RNG streams and is bitwise exact; on another layout the
+random streams cannot correspond (dropout masks are drawn per rank), so they keep
+the new run's seed, and a warning says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -45,9 +47,14 @@ from aligner.checkpoint.layout import commit, latest_checkpoint, step_dir_name, 
 from aligner.checkpoint.rng import get_rng_state, set_rng_state
 from aligner.config import config_to_yaml
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
 CONFIG = "config.yaml"
+# megatron's options for the optimizer's sharded state: the distributed optimizer's
+# state in a layout-independent form; no prefix for a single chained optimizer.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+logger = logging.getLogger(__name__)
 
 
 def _layout() -> dict[str, int]:
@@ -59,23 +66,37 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _model_parallel_suffix() -> str:
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    pp = parallel_state.get_pipeline_model_parallel_rank()
-    return f"tp{tp:02d}_pp{pp:02d}"
-
-
-def _is_first_replica() -> bool:
-    return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
-
-
 def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
     return bool(optimizer.config.use_distributed_optimizer)
 
 
-def _write(obj: Any, path: Path) -> None:
-    with open(path, "wb") as file:
-        torch.save(obj, file)
+def _rng_object(state: Any) -> ShardedObject:
+    """This rank's RNG state as one entry of a ``[world_size]`` array of objects (every rank writes its own)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _sharded_state(
+    model: GPTModel,
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    trainer_state: Any,
+    with_rng: bool,
+    is_loading: bool,
+) -> dict[str, Any]:
+    model_state = model.sharded_state_dict()
+    state: dict[str, Any] = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+        )
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if trainer_state is not None:
+        state["trainer"] = trainer_state
+    if with_rng:
+        state["rng"] = _rng_object(None if is_loading else get_rng_state())
+    return state
 
 
 def save_checkpoint(
@@ -97,8 +118,8 @@ def save_checkpoint(
         model: this rank's (unwrapped) model shard.
         optimizer: megatron optimizer over ``model``.
         scheduler: its learning-rate scheduler.
-        trainer_state: this rank's loop state, e.g. ``{"step": 12, "data": sampler.state_dict()}``;
-            anything ``torch.save`` writes. Returned by :func:`load_checkpoint`.
+        trainer_state: the loop's state, the same on every rank (rank 0's is written),
+            e.g. ``{"step": 12, "data": sampler.state_dict()}``; returned by :func:`load_checkpoint`.
         keep_last: checkpoints to keep (older ones are deleted after the commit).
         run_config: the run's configuration (a dataclass), written as ``config.yaml``.
 
@@ -115,14 +136,8 @@ def save_checkpoint(
     dist.broadcast_object_list(names, src=0)
     tmp_dir = Path(names[0])
 
-    suffix = _model_parallel_suffix()
-    if _is_first_replica():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        _write(state, tmp_dir / f"model_optim_{suffix}.pt")
-    if _uses_distributed_optimizer(optimizer):
-        _write(_optimizer_shard(optimizer), tmp_dir / f"optim_shard_{dist.get_rank():05d}.pt")
-    _write({"rng": get_rng_state(), "trainer": trainer_state}, tmp_dir / f"rank_{dist.get_rank():05d}.pt")
-    dist.barrier()
+    state = _sharded_state(model, optimizer, scheduler, trainer_state, with_rng=True, is_loading=False)
+    dist_checkpointing.save(state, str(tmp_dir))  # a collective; returns when every rank's shards are written
 
     final = tmp_dir.parent / step_dir_name(step)
     if dist.get_rank() == 0:
@@ -140,6 +155,18 @@ def save_checkpoint(
     return final
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION} "
+            "(format 1, per-rank torch.save files, was replaced by megatron distributed checkpoints)"
+        )
+    return meta
+
+
 @torch.no_grad()  # the distributed optimizer copies into views of the (grad-requiring) fp32 weights
 def load_checkpoint(
     path: str | Path,
@@ -147,65 +174,57 @@ def load_checkpoint(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote in ``path``; a collective.
+    """Restore what :func:`save_checkpoint` wrote in ``path`` into this run's layout; a collective.
 
-    Loads the weights, the optimizer (and, for the distributed optimizer, this
-    rank's shard of it), the scheduler and this rank's RNG states.
+    Loads the weights and the optimizer state (resliced for this rank's
+    tensor/pipeline/data-parallel position), the scheduler, and, when this run has
+    the layout that wrote the checkpoint, every rank's RNG states.
 
     Returns:
-        This rank's ``trainer_state``.
+        The ``trainer_state`` that was saved.
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint.
-        ValueError: it was written with another format, parallel layout or
-            optimizer kind.
+        ValueError: it was written in another format.
+        megatron.core.dist_checkpointing.core.CheckpointingException: the model or
+            optimizer does not match the checkpoint (other shapes or parameters).
     """
     path = Path(path)
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
-    meta = json.loads((path / META).read_text())
-    if meta["format"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta['format']}, this code reads {FORMAT_VERSION}")
+    meta = _read_meta(path)
     saved_layout = {key: meta[key] for key in ("world_size", "tp", "pp", "dp")}
-    if saved_layout != _layout():
-        raise ValueError(
-            f"{path} was written with {saved_layout}, this run has {_layout()}; resume with the same layout, "
-            "or export it with aligner.models.hf.export_hf and import that into the new layout"
+    same_layout = saved_layout == _layout()
+    if not same_layout and dist.get_rank() == 0:
+        logger.warning(
+            "%s was written with %s, this run has %s: weights and optimizer state are resliced; the random "
+            "streams (dropout) start from this run's seed, so the run is not bitwise the one that was saved",
+            path,
+            saved_layout,
+            _layout(),
         )
-    if meta["distributed_optimizer"] != _uses_distributed_optimizer(optimizer):
-        raise ValueError(
-            f"{path} was written {'with' if meta['distributed_optimizer'] else 'without'} megatron's distributed "
-            "optimizer; this run differs (it is used exactly when a GPU is present)"
-        )
-
-    suffix = _model_parallel_suffix()
-    state = torch.load(path / f"model_optim_{suffix}.pt", map_location="cpu", weights_only=False)
+    template = _sharded_state(model, optimizer, scheduler, {}, with_rng=same_layout, is_loading=True)
+    state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    if _uses_distributed_optimizer(optimizer):
-        shard = torch.load(path / f"optim_shard_{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
-        _load_optimizer_shard(optimizer, shard)
     scheduler.load_state_dict(state["scheduler"])
-    rank_state = torch.load(path / f"rank_{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
-    set_rng_state(rank_state["rng"])
-    return rank_state["trainer"]
+    if same_layout:
+        set_rng_state(state["rng"])
+    return state["trainer"]
 
 
 @torch.no_grad()
 def load_model_weights(path: str | Path, model: GPTModel) -> Path:
-    """Load only the weights of a checkpoint into this rank's ``model`` shard (e.g. to start a new run from it).
+    """Load only the weights of a checkpoint into this rank's ``model`` shard (any layout); a collective.
 
     Args:
         path: a checkpoint directory (``.../step_000123``) or a checkpoint root,
             whose ``latest`` is used.
-        model: a shard with the checkpoint's tensor/pipeline layout.
+        model: this rank's shard of a model of the checkpoint's architecture.
 
     Returns:
         The checkpoint directory read.
 
     Raises:
-        FileNotFoundError: no complete checkpoint at ``path``, or none for this
-            rank's tensor/pipeline position (another layout).
+        FileNotFoundError: no complete checkpoint at ``path``.
     """
     path = Path(path)
     if not (path / META).is_file():
@@ -213,31 +232,7 @@ def load_model_weights(path: str | Path, model: GPTModel) -> Path:
         if latest is None:
             raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a root with a 'latest'")
         path = latest
-    shard = path / f"model_optim_{_model_parallel_suffix()}.pt"
-    if not shard.is_file():
-        raise FileNotFoundError(f"{shard} does not exist: {path} was written with another tensor/pipeline layout")
-    model.load_state_dict(torch.load(shard, map_location="cpu", weights_only=False)["model"])
+    _read_meta(path)
+    state = dist_checkpointing.load(_sharded_state(model, None, None, None, False, True), str(path))
+    model.load_state_dict(state["model"])
     return path
-
-
-def _optimizer_shard(optimizer: MegatronOptimizer) -> list[dict[str, Any]]:
-    """Per chained distributed optimizer: its torch optimizer's state and its (fp32 main) parameters."""
-    return [
-        {
-            "inner": chained.optimizer.state_dict(),
-            "main_params": [p.detach().cpu() for group in chained.optimizer.param_groups for p in group["params"]],
-        }
-        for chained in optimizer.chained_optimizers
-    ]
-
-
-def _load_optimizer_shard(optimizer: MegatronOptimizer, shard: list[dict[str, Any]]) -> None:
-    if len(shard) != len(optimizer.chained_optimizers):
-        raise ValueError(
-            f"the checkpoint has {len(shard)} optimizer shards, this run {len(optimizer.chained_optimizers)}"
-        )
-    for chained, state in zip(optimizer.chained_optimizers, shard, strict=True):
-        chained.optimizer.load_state_dict(state["inner"])
-        params = [p for group in chained.optimizer.param_groups for p in group["params"]]
-        for param, saved in zip(params, state["main_params"], strict=True):
-            param.copy_(saved)

@@ -38,16 +38,18 @@ class ScalarHead(torch.nn.Module):
     """``num_outputs`` scalars per token from the final hidden states.
 
     Stands in for GPTModel's output layer, so its call signature matches
-    megatron's ``ColumnParallelLinear``. The weights are replicated on every
-    tensor-parallel rank (they see the same hidden states).
+    megatron's ``ColumnParallelLinear``, and so do its parameter names
+    (``output_layer.weight`` / ``.bias``, which megatron's sharded state dict
+    of the model expects). The weights are replicated on every tensor-parallel
+    rank (they see the same hidden states).
     """
 
     def __init__(self, hidden_size: int, num_outputs: int, init_std: float, dtype: torch.dtype):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, num_outputs, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(num_outputs, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(num_outputs, dtype=dtype))
         with torch.no_grad():
-            self.linear.weight.normal_(0.0, init_std)
-            self.linear.bias.zero_()
+            self.weight.normal_(0.0, init_std)
 
     def forward(
         self,
@@ -56,7 +58,7 @@ class ScalarHead(torch.nn.Module):
         runtime_gather_output: bool | None = None,
     ) -> tuple[torch.Tensor, None]:
         """``[seq, batch, hidden]`` -> ``([seq, batch, num_outputs], None)``."""
-        return self.linear(hidden_states), None
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
 def transformer_config(config: ModelConfig, init_weights: bool = True) -> TransformerConfig:

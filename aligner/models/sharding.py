@@ -7,7 +7,8 @@ its tensor-parallel-size-1 layout and the vocabulary unpadded:
 - ``self_attention.linear_qkv``: rows grouped per key/value head,
   ``[q (heads_per_group * head_dim), k (head_dim), v (head_dim)]`` per group;
 - ``mlp.linear_fc1``: ``[gate; up]`` (``[2 * ffn, hidden]``);
-- ``embedding.word_embeddings`` / ``output_layer``: ``[vocab_size, hidden]``.
+- ``embedding.word_embeddings`` / ``output_layer``: ``[vocab_size, hidden]``
+  (a value head's ``output_layer``, ``[num_outputs, hidden]``, is replicated).
 
 Splitting follows megatron's own partitioning: column-parallel weights are cut
 along rows (whole query groups stay together), row-parallel ones along columns;
@@ -33,8 +34,10 @@ _GATE_UP = "mlp.linear_fc1.weight"
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _split_dim(name: str) -> int | None:
+def _split_dim(model: GPTModel, name: str) -> int | None:
     """Dimension ``name`` is split along over tensor-parallel ranks; None when replicated."""
+    if name.startswith("output_layer.") and model.aligner_num_value_outputs is not None:
+        return None  # a value head (ScalarHead): the same weights on every rank
     if name.endswith(_COLUMN_PARALLEL) or name.endswith(_GATE_UP) or name in _VOCAB_PARALLEL:
         return 0
     if name.endswith(_ROW_PARALLEL):
@@ -55,8 +58,10 @@ def _is_tied_output(model: GPTModel, name: str) -> bool:
     return name == _TIED_OUTPUT and model.share_embeddings_and_output_weights
 
 
-def _shard(full: torch.Tensor, name: str, shard_shape: torch.Size, rank: int, size: int) -> torch.Tensor:
-    dim = _split_dim(name)
+def _shard(
+    model: GPTModel, full: torch.Tensor, name: str, shard_shape: torch.Size, rank: int, size: int
+) -> torch.Tensor:
+    dim = _split_dim(model, name)
     if dim is None:
         return full
     if name.endswith(_GATE_UP):
@@ -68,11 +73,11 @@ def _shard(full: torch.Tensor, name: str, shard_shape: torch.Size, rank: int, si
     return full.chunk(size, dim=dim)[rank]
 
 
-def _unshard(shards: list[torch.Tensor], name: str, vocab_size: int) -> torch.Tensor:
+def _unshard(model: GPTModel, shards: list[torch.Tensor], name: str, vocab_size: int) -> torch.Tensor:
     if name.endswith(_GATE_UP):
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return torch.cat([gate for gate, _ in halves] + [up for _, up in halves], dim=0)
-    full = torch.cat(shards, dim=_split_dim(name))
+    full = torch.cat(shards, dim=_split_dim(model, name))
     return full[:vocab_size] if name in _VOCAB_PARALLEL else full
 
 
@@ -96,7 +101,7 @@ def load_full_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]) -
         if source not in state_dict:
             missing.append(source)
             continue
-        shard = _shard(state_dict[source], name, param.shape, rank, size)
+        shard = _shard(model, state_dict[source], name, param.shape, rank, size)
         if shard.shape != param.shape:
             raise ValueError(
                 f"{source}: full shape {tuple(state_dict[source].shape)} gives a shard of {tuple(shard.shape)} "
@@ -122,10 +127,10 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
         name = _full_name(model, local_name)
         if _is_tied_output(model, name):
             continue
-        if _split_dim(name) is None:
+        if _split_dim(model, name) is None:
             full[name] = param.detach().cpu().clone()
             continue
         shards = [torch.empty_like(param) for _ in range(size)]
         dist.all_gather(shards, param.detach().contiguous(), group=group)
-        full[name] = _unshard([shard.cpu() for shard in shards], name, vocab_size)
+        full[name] = _unshard(model, [shard.cpu() for shard in shards], name, vocab_size)
     return full

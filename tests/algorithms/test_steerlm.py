@@ -201,8 +201,8 @@ def steerlm_worker(records):
     result = {}
     reward_model = build_model(MODEL, num_value_outputs=len(HELPSTEER))
     with torch.no_grad():
-        reward_model.output_layer.linear.weight.normal_(0.0, HEAD_STD)
-        reward_model.output_layer.linear.bias.copy_(torch.tensor(HEAD_BIAS))
+        reward_model.output_layer.weight.normal_(0.0, HEAD_STD)
+        reward_model.output_layer.bias.copy_(torch.tensor(HEAD_BIAS))
     reward_model.train()
     result["by_encode"] = annotate(records, reward_model, lambda r: r["ids"], names=HELPSTEER, batch_size=BATCH_SIZE)
     result["training_after"] = reward_model.training

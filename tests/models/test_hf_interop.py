@@ -189,6 +189,6 @@ def test_value_head_reads_final_hidden_states(layout_run, checkpoints, tokens):
         head = _last_stage_output(layout_run["results"], name, "head")
         with torch.no_grad():
             hidden = models[name].model(tokens).last_hidden_state  # after the final RMSNorm
-        want = hidden @ head["linear.weight"].T + head["linear.bias"]
+        want = hidden @ head["weight"].T + head["bias"]
         assert values.shape == (BATCH, SEQ, VALUE_OUTPUTS)
         torch.testing.assert_close(values, want, atol=LOGITS_ATOL, rtol=0)

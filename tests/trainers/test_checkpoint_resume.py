@@ -82,19 +82,21 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, fresh_seed):
 
 
 def crash_worker(seed: int, checkpoint_dir: str):
-    """Save at steps 2 and 4; die (no cleanup, like a kill) in the middle of writing step 4."""
+    """Save at steps 2 and 4; die (no cleanup, like a kill) after step 4's shards are written, before its commit."""
+    import types
+
     import aligner.checkpoint.state as state
     from aligner.parallel import initialize
 
     initialize(seed=seed)
-    write = state._write
+    real = state.dist_checkpointing
 
-    def write_then_die(obj, path: Path) -> None:
-        write(obj, path)
-        if path.parent.name.startswith("step_000004") and path.name.startswith("model_optim"):
+    def save_then_die(sharded_state, directory: str) -> None:
+        real.save(sharded_state, directory)
+        if Path(directory).name.startswith("step_000004"):
             os._exit(CRASH_EXIT_CODE)
 
-    state._write = write_then_die
+    state.dist_checkpointing = types.SimpleNamespace(save=save_then_die, load=real.load)
     _trainer(seed, checkpoint_dir, TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed), save_every=2).fit()
 
 
@@ -127,7 +129,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, fresh_seed):
 
     assert (root / "latest").read_text().strip() == "step_000002"
     (partial,) = [p for p in root.iterdir() if p.name.startswith("step_000004.tmp-")]
-    assert (partial / "model_optim_tp00_pp00.pt").is_file() and not (partial / "meta.json").exists()
+    assert list(partial.glob("*.distcp")) and not (partial / "meta.json").exists()
     assert not (root / "step_000004").exists()
 
     (resumed,) = run_distributed(resume_worker, 1, args=(fresh_seed, str(root)))
@@ -138,8 +140,6 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, fresh_seed):
     assert sorted(p.name for p in root.iterdir()) == ["hf", "latest", "step_000004", "step_000006"]
     assert (root / "hf" / "config.json").is_file() and (root / "hf" / "model.safetensors").is_file()
     assert (root / "latest").read_text().strip() == "step_000006"
-    assert sorted(p.name for p in (root / "step_000006").iterdir()) == [
-        "meta.json",
-        "model_optim_tp00_pp00.pt",
-        "rank_00000.pt",
-    ]
+    files = {p.name for p in (root / "step_000006").iterdir()}
+    assert {"meta.json", "metadata.json", "common.pt", ".metadata"} <= files
+    assert any(name.endswith(".distcp") for name in files)
