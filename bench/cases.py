@@ -13,6 +13,7 @@ import functools
 import torch
 from harness import QUICK, Case, GroupSpec, Target, bench_device
 
+import aligner
 from aligner import ops
 
 TEMPERATURE = 1.0
@@ -28,6 +29,7 @@ LINEAR_SHAPES = ((256, 128, 4096),) if QUICK else ((4096, 1024, 32768), (4096, 1
 TORCH, ALIGNER, EXP_FLOOR = "torch", "aligner", "exp floor"
 FUSED, LOGPROBS_ONLY = "aligner fused", "aligner token_logprobs"
 MATMUL_ONLY = "matmul alone"
+CHUNKED, CUTLASS = "aligner chunked", "aligner cutlass"
 LOGPROB_FWD_SPEEDUP = {torch.float32: 4.0, torch.bfloat16: 5.0}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -237,10 +239,12 @@ def logprob_specs() -> list[GroupSpec]:
     return specs
 
 
-def _linear_inputs(tokens: int, hidden_size: int, vocab: int) -> tuple[torch.Tensor, ...]:
+def _linear_inputs(
+    tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
     device = bench_device()
-    hidden = torch.randn(tokens, hidden_size, device=device)  # [N, H]
-    weight = torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5  # [V, H]
+    hidden = torch.randn(tokens, hidden_size, device=device).to(dtype)  # [N, H]
+    weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype)  # [V, H]
     labels = torch.randint(0, vocab, (tokens,), device=device)  # [N]
     return hidden, weight, labels
 
@@ -274,38 +278,60 @@ def _linear_fwd_bwd(tokens: int, hidden_size: int, vocab: int) -> list[Case]:
     ]
 
 
+def _linear_fwd_impls(tokens: int, hidden_size: int, vocab: int) -> list[Case]:
+    hidden, weight, labels = _linear_inputs(tokens, hidden_size, vocab, torch.bfloat16)
+    read = hidden.nbytes + weight.nbytes
+
+    def head(impl: str):
+        return lambda: ops.linear_token_logprobs(hidden, weight, labels, temperature=TEMPERATURE, impl=impl)
+
+    return [
+        Case(CHUNKED, head("chunked"), read),
+        Case(CUTLASS, head("cutlass"), read),
+        Case(MATMUL_ONLY, lambda: hidden @ weight.T, read),
+    ]
+
+
+def _memory_at_most(label: str, row: str, baseline: str, ratio: float) -> Target:
+    return Target(label, row, baseline, ratio, at_least=False, quantity="memory")
+
+
 def linear_specs() -> list[GroupSpec]:
     """linear_token_logprobs (chunked LM head + log-probs) against the matmul then log_softmax/gather.
 
     fp32 forward at every shape, with the matmul alone as the floor; forward+backward
-    at the first shape only (a CPU takes seconds per matmul at full size).
+    at the first shape only (a CPU takes seconds per matmul at full size). On a GPU
+    also the bf16 forward, fused CUTLASS kernel against the chunked path.
     """
     section = "LM head log-probs (linear_token_logprobs)"
+    with_cutlass = bench_device().type == "cuda" and aligner.build_info()["has_cuda_kernels"]
     specs = []
     for i, (tokens, hidden_size, vocab) in enumerate(LINEAR_SHAPES):
-        shape = f"fp32 N={tokens} H={hidden_size} V={vocab}"
         args = (tokens, hidden_size, vocab)
+
+        def group(title: str, labels: tuple[str, ...], make_cases, *targets: Target) -> GroupSpec:
+            return GroupSpec(section, title, labels, functools.partial(make_cases, *args), targets)  # noqa: B023
+
+        shape = f"N={tokens} H={hidden_size} V={vocab}"
         specs.append(
-            GroupSpec(
-                section,
-                f"linear_token_logprobs fwd {shape}",
+            group(
+                f"linear_token_logprobs fwd fp32 {shape}",
                 (TORCH, MATMUL_ONLY, ALIGNER),
-                functools.partial(_linear_fwd, *args),
-                (
-                    Target(
-                        "fwd peak extra mem <= 10% of torch", ALIGNER, TORCH, 0.10, at_least=False, quantity="memory"
-                    ),
-                    Target("fwd time <= 1.3x the matmul alone", ALIGNER, MATMUL_ONLY, 1.3, at_least=False),
-                ),
+                _linear_fwd,
+                _memory_at_most("fwd peak extra mem <= 10% of torch", ALIGNER, TORCH, 0.10),
+                Target("fwd time <= 1.3x the matmul alone", ALIGNER, MATMUL_ONLY, 1.3, at_least=False),
             )
         )
         if i == 0:
+            specs.append(group(f"linear_token_logprobs fwd+bwd fp32 {shape}", (TORCH, ALIGNER), _linear_fwd_bwd))
+        if with_cutlass:
             specs.append(
-                GroupSpec(
-                    section,
-                    f"linear_token_logprobs fwd+bwd {shape}",
-                    (TORCH, ALIGNER),
-                    functools.partial(_linear_fwd_bwd, *args),
+                group(
+                    f"linear_token_logprobs fwd bf16 {shape} cutlass vs chunked",
+                    (CHUNKED, CUTLASS, MATMUL_ONLY),
+                    _linear_fwd_impls,
+                    Target("cutlass fwd no slower than chunked", CHUNKED, CUTLASS, 1.0, at_least=True),
+                    _memory_at_most("cutlass fwd peak extra mem <= chunked", CUTLASS, CHUNKED, 1.0),
                 )
             )
     return specs

@@ -60,9 +60,11 @@ LogprobInputs prepare_logprob_inputs(const at::Tensor& logits, const std::option
                       "labels must have shape logits.shape[:-1] = ", logits.sizes().slice(0, logits.dim() - 1),
                       ", got ", lab.sizes());
     in.labels = lab.reshape({in.rows}).to(at::kLong).contiguous();
-    if (in.rows > 0) {
-      // One reduction (and, on CUDA, one sync) buys a clear error instead of
-      // an out-of-bounds read inside the kernel.
+    if (in.rows > 0 && !in.labels.is_cuda()) {
+      // On the CPU one cheap reduction buys a clear error instead of an
+      // out-of-bounds read inside the kernel. CUDA labels are not checked here:
+      // the check would cost a device sync per call, aligner.ops checks them
+      // once in Python, and the CUDA kernel turns an out-of-range label into NaN.
       const at::Tensor bad = in.labels.ne(ignore_index).logical_and(in.labels.lt(0).logical_or(in.labels.ge(V)));
       if (bad.any().item<bool>()) {
         const int64_t pos = bad.nonzero().select(1, 0)[0].item<int64_t>();

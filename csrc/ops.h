@@ -34,6 +34,10 @@ using OptTensor = std::optional<Tensor>;
 ALIGNER_DECLARE_OPS(cpu)
 #ifdef ALIGNER_WITH_CUDA
 ALIGNER_DECLARE_OPS(cuda)
+// CUDA only (csrc/cuda/linear_ops_cuda.cpp): the CPU runs the chunked path in Python.
+std::tuple<Tensor, Tensor, Tensor> linear_logprobs_forward_cuda(const Tensor& hidden, const Tensor& weight,
+                                                                const Tensor& labels, double temperature,
+                                                                int64_t ignore_index, bool with_entropy);
 #endif
 
 #undef ALIGNER_DECLARE_OPS

@@ -31,6 +31,11 @@ TORCH_LIBRARY(aligner, m) {
   m.def(
       "group_advantages(Tensor rewards, Tensor? valid, int group_size, bool leave_one_out, bool scale_by_std, "
       "float eps) -> Tensor");
+  // The LM head's per-row statistics of (hidden [N, H] @ weight[V, H].T) / temperature without the logits,
+  // bf16/fp16 with H % 8 == 0, CUDA only: (logprobs [N], entropy [N] or [0], lse [N]), float32.
+  m.def(
+      "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor labels, float temperature, int ignore_index, "
+      "bool with_entropy) -> (Tensor, Tensor, Tensor)");
 }
 
 #define ALIGNER_REGISTER_IMPLS(dev)                                               \
@@ -46,7 +51,10 @@ TORCH_LIBRARY(aligner, m) {
 TORCH_LIBRARY_IMPL(aligner, CPU, m) { ALIGNER_REGISTER_IMPLS(cpu) }
 
 #ifdef ALIGNER_WITH_CUDA
-TORCH_LIBRARY_IMPL(aligner, CUDA, m) { ALIGNER_REGISTER_IMPLS(cuda) }
+TORCH_LIBRARY_IMPL(aligner, CUDA, m) {
+  ALIGNER_REGISTER_IMPLS(cuda)
+  m.impl("linear_logprobs_forward", &aligner::linear_logprobs_forward_cuda);
+}
 #endif
 
 namespace {

@@ -38,6 +38,7 @@ def test_cuda_kernels_built_for_sm80_and_sm90():
         assert {"80-real", "90-real"} <= set(INFO["cuda_archs"])
     assert INFO["cutlass_version"], "CUTLASS headers (nvidia-cutlass wheel) were not found"
     assert torch.ops.aligner.logprobs_entropy_forward.default.has_kernel_for_dispatch_key("CUDA")
+    assert torch.ops.aligner.linear_logprobs_forward.default.has_kernel_for_dispatch_key("CUDA")
 
 
 def _ptxas_entries():
@@ -67,7 +68,14 @@ def test_no_kernel_spills_registers():
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         assert {"sm_80", "sm_90"} <= archs
     kernels = {name for name, _, _, _ in entries}
-    for kernel in ("logprob_forward_kernel", "logprob_backward_kernel", "gae_kernel", "masked_moments_kernel"):
+    for kernel in (
+        "logprob_forward_kernel",
+        "logprob_backward_kernel",
+        "gae_kernel",
+        "masked_moments_kernel",
+        "linear_logprob_tile_kernel",
+        "linear_logprob_finalize_kernel",
+    ):
         assert any(kernel in name for name in kernels), f"{kernel} missing from the ptxas report"
     spills = [e for e in entries if e[2] or e[3]]
     assert not spills, f"kernels spill registers: {spills}"

@@ -15,6 +15,17 @@ So the largest temporaries are one chunk of logits and its gradient, sized by
 :func:`default_chunk_size`; the price is recomputing the logits matmul in the
 backward: 4 matmuls for forward + backward where the unfused path does 3.
 
+On a GPU, bf16/fp16 inputs with ``H % 8 == 0`` can take a fused forward instead
+(``impl="cutlass"``; ``torch.ops.aligner.linear_logprobs_forward``, csrc/cuda/linear_logprob.cu): a
+CuTe tensor-core GEMM whose epilogue reduces each 128 x 128 tile of logits to
+per-row softmax statistics in registers, so the logits never reach memory, not
+even a chunk of them; a small kernel merges the tiles of each row. It rounds each
+logit to the input dtype first, as ``F.linear`` returns it, so both forwards
+compute the same function and save the same per-row statistics, which match the
+logits the shared backward recomputes. It is opt-in: on an H100 its SM80-style
+(mma.sync) GEMM is slower than cuBLAS's Hopper GEMM followed by the row kernel
+(bench/RESULTS.md), so ``impl="auto"`` takes the chunked path.
+
 The chunk iteration and the gradient accumulation are shared with the
 vocab-parallel variant in :mod:`aligner.parallel.vocab_parallel`.
 """
@@ -22,12 +33,14 @@ vocab-parallel variant in :mod:`aligner.parallel.vocab_parallel`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aligner.ops.logprob import _backward, _forward
+import aligner._C
+from aligner.ops.logprob import _backward, _forward, check_labels_in_vocab
 
 # Rows per chunk: enough that one chunk of float32 logits (rows x V x 4 bytes)
 # takes about DEFAULT_CHUNK_BYTES, but never fewer than MIN_CHUNK_ROWS. Below a
@@ -39,6 +52,47 @@ from aligner.ops.logprob import _backward, _forward
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 MIN_CHUNK_ROWS = 512
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+_HAS_CUDA_KERNELS = aligner._C.build_info()["has_cuda_kernels"]
+# The CUTLASS forward cp.asyncs 16-byte vectors of hidden and weight rows.
+CUTLASS_HIDDEN_MULTIPLE = 8
+
+_fused_forward = torch.ops.aligner.linear_logprobs_forward.default
+
+
+@torch.library.register_fake("aligner::linear_logprobs_forward")
+def _fused_forward_fake(hidden, weight, labels, temperature, ignore_index, with_entropy):
+    rows = hidden.shape[0]
+    logprobs = hidden.new_empty(rows, dtype=torch.float32)
+    entropy = hidden.new_empty(rows if with_entropy else 0, dtype=torch.float32)
+    return logprobs, entropy, hidden.new_empty(rows, dtype=torch.float32)
+
+
+def cutlass_unavailable_reason(hidden: Tensor) -> str | None:
+    """Why the fused CUTLASS forward cannot take ``hidden`` (and a weight of its dtype and device), or None."""
+    if not _HAS_CUDA_KERNELS:
+        return "aligner was built without CUDA kernels"
+    if not hidden.is_cuda:
+        return f"hidden is on {hidden.device}, not a CUDA device"
+    if hidden.dtype not in _HALF_DTYPES:
+        return f"hidden is {hidden.dtype}, not bfloat16 or float16"
+    if hidden.shape[-1] % CUTLASS_HIDDEN_MULTIPLE:
+        return f"the hidden size {hidden.shape[-1]} is not a multiple of {CUTLASS_HIDDEN_MULTIPLE}"
+    return None
+
+
+def _use_fused_forward(impl: str, hidden: Tensor) -> bool:
+    """Whether ``linear_token_logprobs(..., impl=impl)`` runs the fused CUTLASS forward on ``hidden``."""
+    if impl not in ("auto", "cutlass", "chunked"):
+        raise ValueError(f"impl must be 'auto', 'cutlass' or 'chunked', got {impl!r}")
+    if impl != "cutlass":
+        # "auto" is the chunked cuBLAS path: measured on an H100 (bench/RESULTS.md), the fused
+        # kernel's mma.sync GEMM reaches ~190 TFLOP/s where cuBLAS reaches ~700, so it is 0.52x
+        # the chunked forward at V=128256 (1.05x at V=32768). It saves memory, not time, for now.
+        return False
+    reason = cutlass_unavailable_reason(hidden)
+    if reason is not None:
+        raise ValueError(f"impl='cutlass' does not apply: {reason}; use impl='auto' or 'chunked'")
+    return True
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -73,26 +127,6 @@ def check_linear_args(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one vocabulary row")
-
-
-def check_labels_in_vocab(flat_labels: Tensor, vocab: int, ignore_index: int, vocab_source: str) -> None:
-    """IndexError naming the first label outside ``[0, vocab)`` that is not ``ignore_index``.
-
-    One reduction over the labels (one device sync on CUDA) buys a clear error
-    instead of an out-of-bounds read; ``vocab_source`` says where ``vocab`` comes from.
-    """
-    bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= vocab))
-    if torch.compiler.is_compiling():
-        # No data-dependent branch inside a compiled graph: the same check, raised when the graph runs.
-        message = f"labels: a value is outside [0, {vocab}) ({vocab_source}) and is not ignore_index={ignore_index}"
-        torch._assert_async(~bad.any(), message)
-        return
-    if bad.any():
-        position = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"labels: value {int(flat_labels[position])} at flat position {position} is outside [0, {vocab}) "
-            f"({vocab_source}) and is not ignore_index={ignore_index}"
-        )
 
 
 def check_temperature(temperature: float) -> None:
@@ -149,29 +183,40 @@ def linear_backward_chunks(
     return grad_hidden, grad_weight
 
 
+def _chunked_forward(hidden, weight, labels, temperature, ignore_index, chunk_size, with_entropy):
+    """(logprobs, entropy, lse) from one chunk of logits at a time: ``F.linear`` then the log-prob kernel."""
+    rows = hidden.shape[0]
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logprobs = hidden.new_empty(rows, dtype=out_dtype)
+    lse = hidden.new_empty(rows, dtype=out_dtype)
+    entropy = hidden.new_empty(rows if with_entropy else 0, dtype=out_dtype)
+    # The labels were checked once up front; handing them to the kernel would
+    # check them again per chunk (a device sync each), so the label's logit is
+    # gathered here and scaled as the kernel scales it.
+    ignored = labels == ignore_index
+    gather_index = torch.where(ignored, 0, labels).unsqueeze(-1)
+    for chunk in row_chunks(rows, chunk_size):
+        logits = F.linear(hidden[chunk], weight)  # [chunk, V]
+        _, ent, chunk_lse = _forward(logits, None, temperature, ignore_index, False, with_entropy)
+        label_logit = logits.gather(-1, gather_index[chunk]).squeeze(-1).to(out_dtype)
+        del logits  # before the next chunk's logits exist
+        logprobs[chunk] = label_logit * (1.0 / temperature) - chunk_lse
+        lse[chunk] = chunk_lse
+        if with_entropy:
+            entropy[chunk] = ent
+    logprobs.masked_fill_(ignored, 0.0)
+    return logprobs, entropy, lse
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk_size, with_entropy):
-        rows = hidden.shape[0]
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logprobs = hidden.new_empty(rows, dtype=out_dtype)
-        lse = hidden.new_empty(rows, dtype=out_dtype)
-        entropy = hidden.new_empty(rows if with_entropy else 0, dtype=out_dtype)
-        # The labels were checked once up front; handing them to the kernel would
-        # check them again per chunk (a device sync each), so the label's logit is
-        # gathered here and scaled as the kernel scales it.
-        ignored = labels == ignore_index
-        gather_index = torch.where(ignored, 0, labels).unsqueeze(-1)
-        for chunk in row_chunks(rows, chunk_size):
-            logits = F.linear(hidden[chunk], weight)  # [chunk, V]
-            _, ent, chunk_lse = _forward(logits, None, temperature, ignore_index, False, with_entropy)
-            label_logit = logits.gather(-1, gather_index[chunk]).squeeze(-1).to(out_dtype)
-            del logits  # before the next chunk's logits exist
-            logprobs[chunk] = label_logit * (1.0 / temperature) - chunk_lse
-            lse[chunk] = chunk_lse
-            if with_entropy:
-                entropy[chunk] = ent
-        logprobs.masked_fill_(ignored, 0.0)
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, chunk_size, with_entropy, fused):
+        if fused:
+            logprobs, entropy, lse = _fused_forward(hidden, weight, labels, temperature, ignore_index, with_entropy)
+        else:
+            logprobs, entropy, lse = _chunked_forward(
+                hidden, weight, labels, temperature, ignore_index, chunk_size, with_entropy
+            )
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
@@ -188,7 +233,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         if not ctx.with_entropy:
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
 
         def grad_of_logits(rows: slice, logits: Tensor) -> Tensor:
             return _backward(
@@ -205,7 +250,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_hidden, grad_weight = linear_backward_chunks(
             hidden, weight, ctx.chunk_size, grad_of_logits, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_token_logprobs(
@@ -217,13 +262,16 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    impl: Literal["auto", "cutlass", "chunked"] = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``token_logprobs(hidden @ weight.T, labels)`` without ever holding the ``[N, V]`` logits.
 
     Rows are processed ``chunk_size`` at a time; the default (:func:`default_chunk_size`)
     holds one chunk of float32-sized logits of 64 MiB, or of 512 rows when the
     vocabulary is larger than 32768. The matmul runs in the input dtype (as ``nn.Linear``); the
-    softmax statistics in float32.
+    softmax statistics in float32. ``impl="cutlass"`` (a GPU, bf16/fp16 inputs, ``H % 8 == 0``)
+    runs the forward as the fused CUTLASS kernel instead (the same values, without a chunk of
+    logits in memory; ``chunk_size`` then applies to the backward only).
 
     Args:
         hidden: ``[..., H]`` float32, bfloat16, float16 or float64 hidden states.
@@ -233,6 +281,8 @@ def linear_token_logprobs(
         ignore_index: label value whose position gets log-prob 0 and zero gradient.
         chunk_size: rows per chunk; ``None`` chooses it from the memory budget.
         return_entropy: also return the entropy of every row (``ignore_index`` rows included).
+        impl: forward implementation: ``"auto"`` (currently the chunked path everywhere: it is the
+            faster one on an H100), ``"cutlass"`` (the fused kernel or an error) or ``"chunked"``.
 
     Returns:
         ``[...]`` float32 log-probs (float64 for float64 inputs), or ``(logprobs, entropy)``
@@ -240,11 +290,13 @@ def linear_token_logprobs(
 
     Raises:
         TypeError: non-floating ``hidden``, ``weight`` of another dtype, non-integer labels.
-        ValueError: mismatched shapes or devices, ``temperature <= 0``, bad ``chunk_size``.
+        ValueError: mismatched shapes or devices, ``temperature <= 0``, bad ``chunk_size``, an unknown
+            ``impl``, or ``impl="cutlass"`` where the fused kernel does not apply.
         IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
     """
     check_linear_args(hidden, weight, labels, chunk_size)
     check_temperature(temperature)
+    fused = _use_fused_forward(impl, hidden)
     vocab = weight.shape[0]
     flat_labels = labels.reshape(-1).long()
     check_labels_in_vocab(flat_labels, vocab, ignore_index, "the vocabulary size is weight.shape[0]")
@@ -257,6 +309,7 @@ def linear_token_logprobs(
         int(ignore_index),
         chunk,
         return_entropy,
+        fused,
     )
     logprobs = logprobs.view(labels.shape)
     return (logprobs, entropy.view(labels.shape)) if return_entropy else logprobs

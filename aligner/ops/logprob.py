@@ -68,6 +68,48 @@ def _backward_fn(ctx, grad_logprobs, grad_entropy, grad_lse):
 torch.library.register_autograd("aligner::logprobs_entropy_forward", _backward_fn, setup_context=_setup_context)
 
 
+def check_labels_in_vocab(flat_labels: Tensor, vocab: int, ignore_index: int, vocab_source: str) -> None:
+    """IndexError naming the first label outside ``[0, vocab)`` that is not ``ignore_index``.
+
+    One reduction over the labels (one device sync on CUDA) buys a clear error
+    instead of an out-of-bounds read; ``vocab_source`` says where ``vocab`` comes from.
+    """
+    bad = (flat_labels != ignore_index) & ((flat_labels < 0) | (flat_labels >= vocab))
+    if torch.compiler.is_compiling():
+        # No data-dependent branch inside a compiled graph: the same check, raised when the graph runs.
+        message = f"labels: a value is outside [0, {vocab}) ({vocab_source}) and is not ignore_index={ignore_index}"
+        torch._assert_async(~bad.any(), message)
+        return
+    if bad.any():
+        position = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"labels: value {int(flat_labels[position])} at flat position {position} is outside [0, {vocab}) "
+            f"({vocab_source}) and is not ignore_index={ignore_index}"
+        )
+
+
+def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
+    """The label range check of :func:`token_logprobs` for labels on a GPU.
+
+    The CPU op checks its labels itself (a cheap reduction). The CUDA op does not
+    (it would cost a device sync per call, and the result would have to leave the
+    kernel as a C++ exception after device work): it gives NaN for an
+    out-of-range label, and this check, done once here, raises IndexError instead.
+    Malformed labels (dtype, shape, device) are left to the op, whose error names them.
+    """
+    if (
+        labels.device.type not in ("cpu", "meta")
+        and labels.dtype in (torch.int64, torch.int32)
+        and logits.dim() >= 1
+        and labels.shape == logits.shape[:-1]
+        and labels.device == logits.device
+        and labels.numel() > 0
+    ):
+        check_labels_in_vocab(
+            labels.reshape(-1), logits.shape[-1], ignore_index, "the vocabulary size is logits.shape[-1]"
+        )
+
+
 def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
     """Log-probability of each label: ``log_softmax(logits / T, -1)[..., label]``.
 
@@ -86,6 +128,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, 
         ValueError: labels not of shape ``logits.shape[:-1]``, temperature <= 0.
         IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
     """
+    _check_labels(logits, labels, ignore_index)
     logprobs, _, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, False)
     return logprobs
 
@@ -109,5 +152,6 @@ def token_logprobs_and_entropy(
     does not depend on the label. Both outputs are differentiable w.r.t. ``logits``.
     Raises as :func:`token_logprobs`.
     """
+    _check_labels(logits, labels, ignore_index)
     logprobs, entropy, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, True)
     return logprobs, entropy

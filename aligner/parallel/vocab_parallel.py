@@ -59,14 +59,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aligner.ops.linear import (
-    check_labels_in_vocab,
     check_linear_args,
     check_temperature,
     default_chunk_size,
     linear_backward_chunks,
     row_chunks,
 )
-from aligner.ops.logprob import _backward, _forward
+from aligner.ops.logprob import _backward, _forward, check_labels_in_vocab
 
 # Labels as this rank's kernel sees them: a local column in [0, Vs) when the
 # rank owns the label, Vs (which matches no column) when another rank does,

@@ -24,6 +24,17 @@ void launch_logprob_backward(const void* logits, ElemType type, int64_t rows, in
                              const void* grad_logprobs, const void* grad_entropy, void* grad_logits,
                              cudaStream_t stream);
 
+// The LM head's per-row log-softmax statistics from hidden [rows, hidden_size]
+// and weight [vocab, hidden_size] (both bf16 or fp16, hidden_size % 8 == 0,
+// 16-byte aligned) without the logits: outputs float [rows]; entropy may be
+// null. A label outside [0, vocab) that is not ignore_index gives a NaN
+// log-prob. workspace holds linear_logprob_workspace_floats(rows, vocab) floats.
+int64_t linear_logprob_workspace_floats(int64_t rows, int64_t vocab);
+void launch_linear_logprob_forward(const void* hidden, const void* weight, ElemType type, int64_t rows,
+                                   int64_t hidden_size, int64_t vocab, const int64_t* labels, int64_t ignore_index,
+                                   double inv_temperature, float* workspace, float* logprobs, float* entropy,
+                                   float* lse, cudaStream_t stream);
+
 // Elementwise over n values of float (or double when is_double).
 void launch_kl_forward(const void* logprobs, const void* ref_logprobs, int64_t n, int estimator, bool is_double,
                        void* out, cudaStream_t stream);

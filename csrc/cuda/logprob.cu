@@ -2,6 +2,8 @@
 // thread streams 16-byte packs, keeps an online SoftmaxStats (one exp per
 // logit; a rescale only when its max grows), and the block merges the
 // per-thread states with the same softmax_stats_merge the CPU uses.
+#include <limits>
+
 #include "aligner/softmax_stats.h"
 #include "common.cuh"
 #include "launch.h"
@@ -83,8 +85,17 @@ __global__ void __launch_bounds__(kThreads)
     lse_out[row] = lse;
     if (kEntropy) entropy[row] = softmax_stats_entropy(st);
     if (logprobs != nullptr) {
+      // The CUDA entry point does not range-check labels (that would cost a
+      // device sync; aligner.ops checks once in Python): a label outside
+      // [0, vocab) gives NaN here, never an out-of-bounds read.
       const int64_t label = labels[row];
-      logprobs[row] = label == ignore_index ? acc_t(0) : static_cast<acc_t>(to_acc(x[label])) * inv_t - lse;
+      if (label == ignore_index) {
+        logprobs[row] = acc_t(0);
+      } else if (label < 0 || label >= vocab) {
+        logprobs[row] = std::numeric_limits<acc_t>::quiet_NaN();
+      } else {
+        logprobs[row] = static_cast<acc_t>(to_acc(x[label])) * inv_t - lse;
+      }
     }
   }
 }

@@ -176,6 +176,18 @@ def test_logprobs_label_out_of_range_raises():
         ops.token_logprobs(logits, torch.tensor([0, 11, 2, 3], device=CUDA))
     with pytest.raises((ValueError, TypeError, IndexError, RuntimeError), match=r"\blabels\b"):
         ops.token_logprobs(logits, torch.tensor([0, 1, 2, 3]))  # labels on the CPU
+    with pytest.raises(IndexError, match=r"labels: value -5 at flat position 1"):
+        ops.token_logprobs_and_entropy(logits, torch.tensor([0, -5, 2, -100], device=CUDA))
+
+
+def test_raw_op_out_of_range_label_gives_nan():
+    """The CUDA op leaves the range check to aligner.ops (no device sync): NaN, never an out-of-bounds read."""
+    logits = torch.randn(3, 11, device=CUDA)
+    labels = torch.tensor([11, 2, -100], device=CUDA)
+    logprobs, _, lse = torch.ops.aligner.logprobs_entropy_forward(logits, labels, 1.0, -100, True, False)
+    assert torch.isnan(logprobs[0])
+    torch.testing.assert_close(logprobs[1], torch.log_softmax(logits[1], -1)[2])
+    assert logprobs[2] == 0 and torch.isfinite(lse).all()
 
 
 # ---- KL ------------------------------------------------------------------------------

@@ -86,6 +86,12 @@ def test_matches_matmul_then_token_logprobs(dtype, rows_shape, chunk_size):
         assert our_error.max() <= allowed, (name, our_error.max().item(), torch_error.max().item())
 
 
+def test_chunked_impl_is_the_cpu_path():
+    hidden, weight, labels = _inputs((23,), torch.bfloat16)
+    auto = linear_token_logprobs(hidden, weight, labels, chunk_size=6)
+    assert torch.equal(auto, linear_token_logprobs(hidden, weight, labels, chunk_size=6, impl="chunked"))
+
+
 def test_logprobs_alone_and_ignored_rows():
     hidden, weight, labels = _inputs((23,), torch.float32)
     logprobs = linear_token_logprobs(hidden, weight, labels, chunk_size=6)
@@ -190,6 +196,8 @@ def test_never_holds_the_full_logits():
         ({"hidden": torch.zeros(5, HIDDEN, dtype=torch.long)}, TypeError, "hidden must be a floating-point"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"impl": "fast"}, ValueError, "impl must be 'auto', 'cutlass' or 'chunked'"),
+        ({"impl": "cutlass"}, ValueError, "impl='cutlass' does not apply"),
     ],
 )
 def test_bad_arguments_are_named(change, error, match):
