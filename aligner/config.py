@@ -72,6 +72,9 @@ class OptimConfig:
         lr_decay_style: one of ``cosine``, ``linear``, ``constant``,
             ``inverse-square-root`` (megatron's ``OptimizerParamScheduler``),
             decaying over the run's total steps.
+        distributed_optimizer: shard the optimizer state over data-parallel ranks
+            (megatron's ``DistributedOptimizer``, which needs CUDA parameters);
+            ``null`` (the default) uses it exactly when a GPU is present.
     """
 
     lr: float = 1e-5
@@ -83,6 +86,7 @@ class OptimConfig:
     warmup_steps: int = 0
     clip_grad: float = 1.0
     lr_decay_style: str = "cosine"
+    distributed_optimizer: bool | None = None
 
     def __post_init__(self) -> None:
         if self.lr_decay_style not in LR_DECAY_STYLES:

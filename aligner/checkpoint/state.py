@@ -76,6 +76,30 @@ def _rng_object(state: Any) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
+@torch.no_grad()
+def _allocate_distributed_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet its Adam state (zeros, step 0).
+
+    Without Transformer Engine or Apex, megatron-core 0.16's
+    ``DistributedOptimizer.state_dict()`` (which its ``sharded_state_dict`` calls,
+    also to load) reads every parameter's ``step`` and fails on a fresh optimizer;
+    the values written here are overwritten by the load.
+    """
+    if not _uses_distributed_optimizer(optimizer):
+        return
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        if len(inner.state):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param),
+                }
+
+
 def _sharded_state(
     model: GPTModel,
     optimizer: MegatronOptimizer | None,
@@ -87,6 +111,7 @@ def _sharded_state(
     model_state = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
+        _allocate_distributed_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
         )
@@ -204,11 +229,44 @@ def load_checkpoint(
     template = _sharded_state(model, optimizer, scheduler, {}, with_rng=same_layout, is_loading=True)
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _load_optimizer(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if same_layout:
         set_rng_state(state["rng"])
     return state["trainer"]
+
+
+def _load_optimizer(optimizer: MegatronOptimizer, state: Any) -> None:
+    """``optimizer.load_state_dict(state)``, working around megatron-core 0.16 for the distributed optimizer.
+
+    Without Transformer Engine or Apex its inner optimizer is torch's AdamW,
+    whose per-parameter state has a ``step`` that the checkpoint stores per
+    parameter group instead, and ``load_parameter_state_from_fully_reshardable``
+    then fails on it (KeyError). So the loader is called in two parts: the
+    optimizer's own state (hyper-parameters, step), then the parameter state,
+    with ``step`` set aside while the tensors are copied in. megatron also hands
+    every parameter the same ``step`` tensor, which AdamW increments in place
+    once per parameter; each gets its own copy back.
+    """
+    if not _uses_distributed_optimizer(optimizer):
+        optimizer.load_state_dict(state)
+        return
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    per_optimizer = [state] if len(chained) == 1 else [state[key] for key in sorted(state)]
+    param_states = []
+    for entry in per_optimizer:
+        if entry.pop("param_state_sharding_type") != _OPTIMIZER_METADATA["distrib_optim_sharding_type"]:
+            raise ValueError("the checkpoint's distributed optimizer state is not in the fully_reshardable format")
+        param_states.append(entry.pop("param_state"))
+    optimizer.load_state_dict(state)  # without "param_state": allocates the state, sets the step
+    for distributed, param_state in zip(chained, param_states, strict=True):
+        inner = distributed.optimizer.state
+        steps = {param: entry.pop("step") for param, entry in inner.items() if "step" in entry}
+        try:
+            distributed.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for param, step in steps.items():
+                inner[param]["step"] = step.clone()
 
 
 @torch.no_grad()

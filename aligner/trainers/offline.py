@@ -174,7 +174,9 @@ class OfflineTrainer:
             and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
         )
         # The distributed optimizer (state sharded over data-parallel ranks) requires CUDA tensors.
-        distributed_optimizer = torch.cuda.is_available()
+        distributed_optimizer = optim.distributed_optimizer
+        if distributed_optimizer is None:
+            distributed_optimizer = torch.cuda.is_available()
         model.config.calculate_per_token_loss = True
         model.config.finalize_model_grads_func = finalize_model_grads
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

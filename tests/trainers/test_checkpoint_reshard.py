@@ -6,6 +6,13 @@ gathered to full tensors, are bitwise the ones the old layout held when it
 saved (megatron's distributed checkpoint stores slices of the full tensors and
 reslices them). The resumed steps then equal an uninterrupted single-process
 run's to the tolerance of test_offline_parallel (sharding reorders fp32 sums).
+
+The same holds with megatron's distributed optimizer (the GPU configuration:
+Adam state and fp32 main weights sharded over data-parallel ranks, saved in its
+``fully_reshardable`` form). It accepts parameters by their type string alone
+(``torch.cuda.FloatTensor``); reporting CPU tensors as such lets its sharding
+and checkpoint code run here on the CPU, under aligner.models.megatron_cpu.
+On the layout that wrote it, its resume is bitwise the uninterrupted run.
 """
 
 import contextlib
@@ -39,7 +46,37 @@ def _gather_moment(model, optimizer, key: str) -> dict[str, torch.Tensor]:
             param.data = data
 
 
-def worker(tp: int, pp: int, seed: int, checkpoint_dir: str | None, fail_at: int | None):
+def _report_cpu_tensors_as_cuda() -> None:
+    """Make ``Tensor.type()`` name CPU float tensors as CUDA ones (for the rest of this worker process)."""
+    names = {
+        torch.float32: "torch.cuda.FloatTensor",
+        torch.bfloat16: "torch.cuda.BFloat16Tensor",
+        torch.float16: "torch.cuda.HalfTensor",
+    }
+    real_type = torch.Tensor.type
+
+    def type_as_cuda(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in names:
+            return names[self.dtype]
+        return real_type(self, *args, **kwargs)
+
+    torch.Tensor.type = type_as_cuda
+
+
+def _optimizer_shards(optimizer) -> list[torch.Tensor]:
+    """This rank's distributed optimizer state: its fp32 main weight shards and their Adam moments."""
+    tensors = []
+    for chained in optimizer.chained_optimizers:
+        for group in chained.optimizer.param_groups:
+            for param in group["params"]:
+                tensors.append(param.detach().clone())
+                tensors.extend(chained.optimizer.state[param][key].clone() for key in MOMENTS)
+    return tensors
+
+
+def worker(
+    tp: int, pp: int, seed: int, checkpoint_dir: str | None, fail_at: int | None, distributed_optimizer: bool = False
+):
     """Train to STEPS (resuming from ``checkpoint_dir`` if it has a checkpoint), stopping at ``fail_at``."""
     from megatron.core import parallel_state
 
@@ -49,24 +86,35 @@ def worker(tp: int, pp: int, seed: int, checkpoint_dir: str | None, fail_at: int
     from aligner.trainers.offline import OfflineTrainer
 
     initialize(tp=tp, pp=pp)
+    if distributed_optimizer:
+        _report_cpu_tensors_as_cuda()
     dp = {"dp_rank": parallel_state.get_data_parallel_rank(), "dp_size": parallel_state.get_data_parallel_world_size()}
     trainer = OfflineTrainer(
         make_model(seed),
         lm_forward_step,
         TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, fail_at=fail_at, **dp),
         trainer=TrainerConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, max_steps=STEPS),
-        optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1, adam_eps=ADAM_EPS, clip_grad=0.5),
+        optim=OptimConfig(
+            lr=1e-2,
+            warmup_steps=1,
+            weight_decay=0.1,
+            adam_eps=ADAM_EPS,
+            clip_grad=0.5,
+            distributed_optimizer=distributed_optimizer,
+        ),
         checkpoint=CheckpointConfig(dir=checkpoint_dir, save_every=SAVED_AT),
     )
+    assert bool(trainer.optimizer.config.use_distributed_optimizer) == distributed_optimizer
 
     def snapshot() -> dict:
         state = {"weights": gather_full_state_dict(trainer.model), "step": trainer.step}
-        if trainer.step > 0:
+        if trainer.step > 0 and not distributed_optimizer:
             for key in MOMENTS:
                 state[key] = _gather_moment(trainer.model, trainer.optimizer, key)
         return state
 
     at_start = snapshot()  # collectives: every rank takes part
+    shards_at_start = _optimizer_shards(trainer.optimizer) if distributed_optimizer and at_start["step"] else None
     with contextlib.suppress(Interrupted):
         trainer.fit()
     at_end = snapshot()
@@ -77,6 +125,7 @@ def worker(tp: int, pp: int, seed: int, checkpoint_dir: str | None, fail_at: int
         "start": at_start if first_replica else None,
         "end": at_end if first_replica else None,
         "history": trainer.summary.history,
+        "shards": (shards_at_start, _optimizer_shards(trainer.optimizer)) if distributed_optimizer else None,
     }
 
 
@@ -133,3 +182,41 @@ def test_resume_on_another_layout(saved, resumed, straight, module_seed, tmp_pat
         for key in ("loss", "grad_norm", "lr"):
             assert [h[key] for h in got] == pytest.approx([h[key] for h in want[SAVED_AT:]], rel=LOSS_RTOL), key
         assert [h["count"] for h in got] == [h["count"] for h in want[SAVED_AT:]]
+
+
+@pytest.fixture(scope="module")
+def straight_dp2(module_seed):
+    """The uninterrupted run with the distributed optimizer over 2 data-parallel ranks."""
+    return run_distributed(worker, 2, args=(1, 1, module_seed, None, None, True))
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_resume_is_bitwise(straight_dp2, module_seed, tmp_path):
+    first = run_distributed(worker, 2, args=(1, 1, module_seed, str(tmp_path), SAVED_AT, True))
+    second = run_distributed(worker, 2, args=(1, 1, module_seed, str(tmp_path), None, True))
+
+    full_size = sum(t.numel() for t in _merged(first, "end")["weights"].values())
+    for rank in range(2):
+        saved, loaded = first[rank]["shards"][1], second[rank]["shards"][0]
+        assert len(saved) == len(loaded) > 0
+        assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True)), f"rank {rank}'s optimizer shard"
+        assert 0 < sum(t.numel() for t in saved[::3]) < full_size  # main weights: a part of the model on each rank
+    for result, want in zip(second, straight_dp2, strict=True):
+        for key in ("loss", "grad_norm", "lr", "accuracy", "count"):
+            assert [h[key] for h in result["history"]] == [h[key] for h in want["history"][SAVED_AT:]], key
+    _assert_bitwise(_merged(second, "end")["weights"], _merged(straight_dp2, "end")["weights"], "final weights")
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_resume_on_another_layout(straight_dp2, module_seed, tmp_path):
+    """Saved over 2 data-parallel ranks, resumed over 2 tensor-parallel ranks (each holding all the state)."""
+    first = run_distributed(worker, 2, args=(1, 1, module_seed, str(tmp_path), SAVED_AT, True))
+    second = run_distributed(worker, 2, args=(2, 1, module_seed, str(tmp_path), None, True))
+
+    _assert_bitwise(_merged(second, "start")["weights"], _merged(first, "end")["weights"], "weights")
+    want = straight_dp2[0]["history"][SAVED_AT:]
+    for result in second:
+        got = result["history"]
+        assert [h["step"] for h in got] == [3, 4]
+        for key in ("loss", "grad_norm", "lr"):
+            assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=LOSS_RTOL), key
