@@ -237,11 +237,13 @@ def precompute_sequence_logprobs(
 ) -> torch.Tensor:
     """Summed log-probs of every trained sequence of ``dataset`` under ``model``, by dataset index.
 
-    Runs megatron's forward-only schedule (any pipeline size) over the whole
-    dataset in order; every data-parallel replica does the whole pass (one
-    forward pass over the data, once per run). Returns ``[len(dataset), R]``
-    float32 on the CPU on every rank, ``R`` the rows per example (2 for a
-    preference pair: chosen, rejected; 1 otherwise).
+    Runs megatron's forward-only schedule (any pipeline size) over the dataset
+    in order, in micro-batches of ``micro_batch_size``, which the data-parallel
+    replicas share out round-robin (each computes 1/dp of the table, whose rows
+    are then exchanged: one all-gather of ``len(dataset) * R`` floats). The
+    micro-batches are the same at every data-parallel size, so the table is too.
+    Returns ``[len(dataset), R]`` float32 on the CPU on every rank, ``R`` the
+    rows per example (2 for a preference pair: chosen, rejected; 1 otherwise).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -252,20 +254,20 @@ def precompute_sequence_logprobs(
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         model.config.variable_seq_lengths = True
     device = next(model.parameters()).device
-    indices = list(range(len(dataset)))
-    batches = [
-        {
-            key: value.to(device) if isinstance(value, torch.Tensor) else value
-            for key, value in collate(
-                [dataset[i] for i in indices[start : start + micro_batch_size]],
-                pad_token_id=dataset.pad_token_id,
-                pad_to_multiple_of=data.pad_to_multiple_of,
-                max_length=dataset.max_length,
-            ).items()
-        }
-        for start in range(0, len(indices), micro_batch_size)
-    ]
-    rows: list[torch.Tensor] = []
+    starts = range(0, len(dataset), micro_batch_size)
+
+    def micro_batch(number: int) -> dict:
+        examples = [dataset[i] for i in range(starts[number], min(starts[number] + micro_batch_size, len(dataset)))]
+        collated = collate(
+            examples,
+            pad_token_id=dataset.pad_token_id,
+            pad_to_multiple_of=data.pad_to_multiple_of,
+            max_length=dataset.max_length,
+        )
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in collated.items()}
+
+    rows: dict[int, torch.Tensor] = {}  # micro-batch number -> [B, R], on the last pipeline stage
+    current: list[int] = []
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -274,13 +276,17 @@ def precompute_sequence_logprobs(
         def loss_func(logits):
             _, sums, _ = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
             per_example = sums.view(-1, batch["index"].shape[0]).T  # [B, R]: chosen then rejected rows
-            rows.append(per_example.float().cpu())
+            rows[current[0]] = per_example.float().cpu()
             return sums.sum() * 0, {}
 
         return logits, loss_func
 
     model.eval()
-    for batch in batches:  # one schedule per micro-batch: their widths differ
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    for number in range(dp_rank, len(starts), dp_size):  # one schedule per micro-batch: their widths differ
+        batch = micro_batch(number)
+        current[:] = [number]
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter([batch]),
@@ -290,7 +296,11 @@ def precompute_sequence_logprobs(
             micro_batch_size=batch["input_ids"].shape[0],
             forward_only=True,
         )
-    table = torch.cat(rows) if rows else None
+    if dp_size > 1:  # the replicas of one pipeline stage exchange their rows
+        shares: list[dict[int, torch.Tensor] | None] = [None] * dp_size
+        torch.distributed.all_gather_object(shares, rows, group=parallel_state.get_data_parallel_group())
+        rows = {number: part for share in shares for number, part in share.items()}
+    table = torch.cat([rows[number] for number in range(len(starts))]) if rows else None
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         shared = [table]
         torch.distributed.broadcast_object_list(

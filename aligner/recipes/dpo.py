@@ -12,8 +12,9 @@ over the global batch's pairs.
 
 Reference log-probs come from the initial policy, frozen:
 ``dpo.reference: precompute`` (default) runs it once over the train and
-validation data before training and then frees it (any pipeline size; no second
-model in memory while training); ``on_the_fly`` keeps it and runs it on every
+validation data before training and then frees it (any pipeline size; the
+data-parallel replicas share the pass; no second model in memory while
+training); ``on_the_fly`` keeps it and runs it on every
 micro-batch (pipeline size 1). SimPO and ORPO use no reference.
 """
 

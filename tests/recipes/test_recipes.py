@@ -159,7 +159,8 @@ def test_parallel_layouts_match_a_single_process(sft_run, recipe):
     config_file = f"{recipe}_tiny.yaml"
     (single,) = run_distributed(recipe_worker, 1, args=(recipe, config_file, overrides))
     want = torch.tensor([step["loss"] for step in single["history"]])
-    for layout in (["parallel.tp=2"], ["parallel.pp=2"]):
+    # 2 processes without tp/pp: data-parallel (for DPO, also the reference table computed half per replica)
+    for layout in (["parallel.tp=2"], ["parallel.pp=2"], []):
         for result in run_distributed(recipe_worker, 2, args=(recipe, config_file, [*overrides, *layout])):
             # every rank reports the global metrics
             got = torch.tensor([step["loss"] for step in result["history"]])
