@@ -9,7 +9,7 @@ trainer. What differs between algorithms (the loss) stays in the recipe.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,13 +231,60 @@ def frozen_copy(model):
     return reference.eval()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors on ``device``."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+@torch.no_grad()
+def forward_only_sequence_logprobs(model, batch: dict, *, input_key: str, labels_key: str, vocab_size: int, tp_group):
+    """Summed log-probs of each row of one micro-batch under ``model``, without gradient, at any pipeline size.
+
+    Runs megatron's forward-only schedule on ``batch[input_key]`` scored against
+    ``batch[labels_key]`` (``model`` keeps its train/eval mode). Returns the
+    ``[rows]`` float32 sums of :func:`aligner.algorithms.logprobs.sequence_logprobs`
+    on the last pipeline stage and None on the other stages (which never need
+    them: the loss is computed on the last stage).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from aligner.algorithms.logprobs import sequence_logprobs
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        model.config.variable_seq_lengths = True
+    result: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        micro_batch = next(data_iterator)
+        logits = model(micro_batch[input_key], None, None)
+
+        def loss_func(logits):
+            _, sums, _ = sequence_logprobs(logits, micro_batch[labels_key], vocab_size=vocab_size, tp_group=tp_group)
+            result.append(sums.float())
+            return sums.sum() * 0, torch.ones((), dtype=torch.int, device=sums.device), {}
+
+        return logits, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=batch[input_key].shape[1],
+        micro_batch_size=batch[input_key].shape[0],
+        forward_only=True,
+    )
+    return result[0] if result else None
+
+
 @torch.no_grad()
 def precompute_sequence_logprobs(
     model, dataset: EncodedDataset, *, micro_batch_size: int, vocab_size: int, tp_group, data: DataSection
 ) -> torch.Tensor:
     """Summed log-probs of every trained sequence of ``dataset`` under ``model``, by dataset index.
 
-    Runs megatron's forward-only schedule (any pipeline size) over the dataset
+    Runs :func:`forward_only_sequence_logprobs` (any pipeline size) over the dataset
     in order, in micro-batches of ``micro_batch_size``, which the data-parallel
     replicas share out round-robin (each computes 1/dp of the table, whose rows
     are then exchanged: one all-gather of ``len(dataset) * R`` floats). The
@@ -246,13 +293,9 @@ def precompute_sequence_logprobs(
     rows per example (2 for a preference pair: chosen, rejected; 1 otherwise).
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from aligner.algorithms.logprobs import sequence_logprobs
     from aligner.data import collate
 
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        model.config.variable_seq_lengths = True
     device = next(model.parameters()).device
     starts = range(0, len(dataset), micro_batch_size)
 
@@ -264,38 +307,19 @@ def precompute_sequence_logprobs(
             pad_to_multiple_of=data.pad_to_multiple_of,
             max_length=dataset.max_length,
         )
-        return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in collated.items()}
-
-    rows: dict[int, torch.Tensor] = {}  # micro-batch number -> [B, R], on the last pipeline stage
-    current: list[int] = []
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        logits = model(batch["input_ids"], None, None)
-
-        def loss_func(logits):
-            _, sums, _ = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
-            per_example = sums.view(-1, batch["index"].shape[0]).T  # [B, R]: chosen then rejected rows
-            rows[current[0]] = per_example.float().cpu()
-            return sums.sum() * 0, {}
-
-        return logits, loss_func
+        return to_device(collated, device)
 
     model.eval()
+    rows: dict[int, torch.Tensor] = {}  # micro-batch number -> [B, R], on the last pipeline stage
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     for number in range(dp_rank, len(starts), dp_size):  # one schedule per micro-batch: their widths differ
         batch = micro_batch(number)
-        current[:] = [number]
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([batch]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=batch["input_ids"].shape[1],
-            micro_batch_size=batch["input_ids"].shape[0],
-            forward_only=True,
+        sums = forward_only_sequence_logprobs(
+            model, batch, input_key="input_ids", labels_key="labels", vocab_size=vocab_size, tp_group=tp_group
         )
+        if sums is not None:
+            rows[number] = sums.view(-1, batch["index"].shape[0]).T.cpu()  # [B, R]: chosen then rejected rows
     if dp_size > 1:  # the replicas of one pipeline stage exchange their rows
         shares: list[dict[int, torch.Tensor] | None] = [None] * dp_size
         torch.distributed.all_gather_object(shares, rows, group=parallel_state.get_data_parallel_group())
@@ -312,30 +336,70 @@ def precompute_sequence_logprobs(
     return table
 
 
-class WithReference:
-    """A step loader whose micro-batches also carry ``ref_logps`` looked up by their ``index``.
+class Annotated:
+    """A step loader whose micro-batches get more fields, computed per step before the step runs.
 
-    ``ref_logps`` follows the batch's row layout: ``[2B]`` (chosen rows, then
-    rejected rows) for preference batches, ``[B]`` otherwise. State and length
+    ``annotate(micro_batches) -> micro_batches`` sees a whole step's micro-batches
+    (e.g. runs a frozen reference model on them), so a value the loss needs is
+    there on the last pipeline stage whatever the pipeline size. State and length
     are the wrapped loader's.
     """
 
-    def __init__(self, loader: GlobalBatchLoader, table: torch.Tensor) -> None:
+    def __init__(self, loader: GlobalBatchLoader, annotate: Callable[[list[dict]], list[dict]]) -> None:
         self.loader = loader
-        self.table = table  # [N, R]
+        self.annotate = annotate
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
         for micro_batches in self.loader:
-            yield [{**batch, "ref_logps": self.table[batch["index"]].T.reshape(-1)} for batch in micro_batches]
+            yield self.annotate(micro_batches)
 
     def state_dict(self) -> dict[str, int]:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.loader.load_state_dict(state)
+
+
+def with_reference_model(loader: GlobalBatchLoader, reference_model, *, vocab_size: int, tp_group) -> Annotated:
+    """``loader`` whose micro-batches also carry ``ref_logps`` from ``reference_model``, computed step by step.
+
+    The reference runs on each micro-batch (``input_ids`` scored against ``labels``)
+    before the step, through the forward-only pipeline schedule, so this works at
+    any pipeline size; ``ref_logps`` is set on the last pipeline stage.
+    """
+    device = next(reference_model.parameters()).device
+
+    def annotate(micro_batches: list[dict]) -> list[dict]:
+        annotated = []
+        for batch in micro_batches:
+            ref = forward_only_sequence_logprobs(
+                reference_model,
+                to_device(batch, device),
+                input_key="input_ids",
+                labels_key="labels",
+                vocab_size=vocab_size,
+                tp_group=tp_group,
+            )
+            annotated.append(batch if ref is None else {**batch, "ref_logps": ref})
+        return annotated
+
+    return Annotated(loader, annotate)
+
+
+def with_reference_table(loader: GlobalBatchLoader, table: torch.Tensor) -> Annotated:
+    """``loader`` whose micro-batches also carry ``ref_logps`` looked up in ``table`` by their ``index``.
+
+    ``ref_logps`` follows the batch's row layout: ``[2B]`` (chosen rows, then
+    rejected rows) for preference batches, ``[B]`` otherwise.
+    """
+
+    def annotate(micro_batches: list[dict]) -> list[dict]:
+        return [{**batch, "ref_logps": table[batch["index"]].T.reshape(-1)} for batch in micro_batches]
+
+    return Annotated(loader, annotate)
 
 
 def report(name: str, trainer) -> None:

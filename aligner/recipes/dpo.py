@@ -14,8 +14,9 @@ Reference log-probs come from the initial policy, frozen:
 ``dpo.reference: precompute`` (default) runs it once over the train and
 validation data before training and then frees it (any pipeline size; the
 data-parallel replicas share the pass; no second model in memory while
-training); ``on_the_fly`` keeps it and runs it on every
-micro-batch (pipeline size 1). SimPO and ORPO use no reference.
+training); ``on_the_fly`` keeps it and runs it on every micro-batch, step by
+step (any pipeline size: its forward-only schedule runs before the step's).
+SimPO and ORPO use no reference.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from aligner.recipes.common import (
     REFERENCE_MODES,
     DataSection,
     ModelSection,
-    WithReference,
     build_model_from,
     check_vocab,
     fit,
@@ -46,6 +46,8 @@ from aligner.recipes.common import (
     setup,
     tensor_parallel_group,
     weighted_metrics,
+    with_reference_model,
+    with_reference_table,
 )
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -111,22 +113,16 @@ class DPORunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def make_forward_step(dpo: DPOSection, vocab_size: int, tp_group, reference_model=None):
+def make_forward_step(dpo: DPOSection, vocab_size: int, tp_group):
     """The trainer's ``forward_step``: (summed per-pair loss, pairs, metrics).
 
-    Reference log-prob sums come from ``batch["ref_logps"]`` (precomputed) or from
-    ``reference_model`` run on the same micro-batch.
+    Reference log-prob sums come from ``batch["ref_logps"]`` (from the precomputed
+    table or the reference model, see :func:`run`).
     """
 
     def forward_step(batch, model):
         logits = model(batch["input_ids"], None, None)  # [2B, S, V / tp]: chosen rows, then rejected
         ref_sums = batch.get("ref_logps")
-        if dpo.uses_reference and reference_model is not None:
-            with torch.no_grad():
-                ref_logits = reference_model(batch["input_ids"], None, None)
-                _, ref_sums, _ = sequence_logprobs(
-                    ref_logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group
-                )
 
         def loss_func(logits: torch.Tensor):
             _, sums, counts = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
@@ -165,8 +161,6 @@ def run(config: DPORunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
     setup(config.parallel, config.trainer)
     dpo = config.dpo
-    if dpo.uses_reference and dpo.reference == "on_the_fly" and config.parallel.pp > 1:
-        raise ValueError("dpo.reference=on_the_fly needs parallel.pp=1; use dpo.reference=precompute")
     tokenizer = load_tokenizer_for(config.model, config.data)
     train = load_dataset_split(config.data.train, "preference", tokenizer, config.data)
     val = None if config.data.val is None else load_dataset_split(config.data.val, "preference", tokenizer, config.data)
@@ -174,7 +168,6 @@ def run(config: DPORunConfig):
     check_vocab(tokenizer, model)
     vocab_size, tp_group = model.aligner_config.vocab_size, tensor_parallel_group()
     train_loader, val_loader = make_loaders(config, train, val)
-    reference_model = None
     if dpo.uses_reference:
         # The policy holds its initial weights here (the trainer resumes a checkpoint later), so a
         # resumed run gets the same reference as the first.
@@ -186,13 +179,19 @@ def run(config: DPORunConfig):
                 tp_group=tp_group,
                 data=config.data,
             )
-            train_loader = WithReference(
+            train_loader = with_reference_table(
                 train_loader, precompute_sequence_logprobs(reference_model, train, **table_args)
             )
             if val_loader is not None:
-                val_loader = WithReference(val_loader, precompute_sequence_logprobs(reference_model, val, **table_args))
-            reference_model = None
-    forward_step = make_forward_step(dpo, vocab_size, tp_group, reference_model)
+                val_loader = with_reference_table(
+                    val_loader, precompute_sequence_logprobs(reference_model, val, **table_args)
+                )
+            del reference_model  # freed before training
+        else:
+            train_loader = with_reference_model(train_loader, reference_model, vocab_size=vocab_size, tp_group=tp_group)
+            if val_loader is not None:
+                val_loader = with_reference_model(val_loader, reference_model, vocab_size=vocab_size, tp_group=tp_group)
+    forward_step = make_forward_step(dpo, vocab_size, tp_group)
     return fit(config, model, forward_step, train_loader, val_loader)
 
 

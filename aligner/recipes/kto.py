@@ -11,9 +11,11 @@ mismatched pairs of every data-parallel rank's micro-batch (one all-reduce of
 two numbers), computed without gradient. A step's loss is the mean over the
 global batch's examples.
 
-The reference is the initial policy, frozen and run on every micro-batch; the
-mismatched pairs need full forward passes of both models before the loss, so
-KTO runs with pipeline size 1 (tensor and data parallelism as usual).
+The reference is the initial policy, frozen. Before each step, forward-only
+pipeline schedules run it on the step's micro-batches (and, for ``z``, run both
+models on the mismatched pairs, without gradient), so any tensor, pipeline and
+data-parallel layout works: the values land on the last pipeline stage, where
+the loss is computed.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from aligner.algorithms.kto import kto_loss, kto_reference_point
 from aligner.algorithms.logprobs import sequence_logprobs
 from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
 from aligner.recipes.common import (
+    Annotated,
     DataSection,
     ModelSection,
     build_model_from,
     check_vocab,
     fit,
+    forward_only_sequence_logprobs,
     frozen_copy,
     load_dataset_split,
     load_tokenizer_for,
@@ -41,6 +45,7 @@ from aligner.recipes.common import (
     report,
     setup,
     tensor_parallel_group,
+    to_device,
 )
 
 
@@ -79,27 +84,55 @@ class KTORunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def make_forward_step(kto: KTOSection, vocab_size: int, tp_group, reference_model, dp_group):
-    """The trainer's ``forward_step``: (summed per-example loss, examples, metrics)."""
+def reference_annotator(kto: KTOSection, policy, reference_model, *, vocab_size: int, tp_group, dp_group):
+    """``annotate`` for :class:`~aligner.recipes.common.Annotated`: adds ``ref_logps`` and ``reference_point``.
 
-    def sums(model, input_ids, labels):
-        logits = model(input_ids, None, None)
-        return sequence_logprobs(logits, labels, vocab_size=vocab_size, tp_group=tp_group)[1]
+    Per micro-batch: the reference's sequence log-probs, and ``z`` from the
+    mismatched pairs of this micro-batch on every data-parallel rank (one
+    all-reduce of two numbers among the last pipeline stage's replicas), the
+    policy's log-probs taken with its current weights and no gradient.
+    """
+    device = next(reference_model.parameters()).device
 
-    def forward_step(batch, model):
-        with torch.no_grad():
-            ref_logps = sums(reference_model, batch["input_ids"], batch["labels"])
-            reference_point = torch.zeros((), dtype=torch.float64)
+    def sums(model, batch, input_key, labels_key):
+        return forward_only_sequence_logprobs(
+            model, batch, input_key=input_key, labels_key=labels_key, vocab_size=vocab_size, tp_group=tp_group
+        )
+
+    def annotate(micro_batches: list[dict]) -> list[dict]:
+        annotated = []
+        for batch in micro_batches:
+            on_device = to_device(batch, device)
+            ref_logps = sums(reference_model, on_device, "input_ids", "labels")
             if kto.use_kl_reference_point:
-                kl_policy = sums(model, batch["kl_input_ids"], batch["kl_labels"])
-                kl_ref = sums(reference_model, batch["kl_input_ids"], batch["kl_labels"])
+                kl_policy = sums(policy, on_device, "kl_input_ids", "kl_labels")
+                kl_ref = sums(reference_model, on_device, "kl_input_ids", "kl_labels")
+            if ref_logps is None:  # not the last pipeline stage: the loss is not computed here
+                annotated.append(batch)
+                continue
+            reference_point = torch.zeros((), dtype=torch.float64, device=device)
+            if kto.use_kl_reference_point:
                 total, count = kto_reference_point(kl_policy, kl_ref)
                 packed = torch.stack([total.double(), count.double()])
                 dist.all_reduce(packed, group=dp_group)
                 reference_point = packed[0] / packed[1].clamp(min=1)
+            annotated.append({**batch, "ref_logps": ref_logps, "reference_point": reference_point})
+        return annotated
+
+    return annotate
+
+
+def make_forward_step(kto: KTOSection, vocab_size: int, tp_group):
+    """The trainer's ``forward_step``: (summed per-example loss, examples, metrics).
+
+    ``batch`` carries ``ref_logps`` and ``reference_point`` (:func:`reference_annotator`).
+    """
+
+    def forward_step(batch, model):
         logits = model(batch["input_ids"], None, None)
 
-        def loss_func(logits: torch.Tensor):
+        def loss_func(logits: torch.Tensor):  # on the last pipeline stage, where the batch is annotated
+            ref_logps, reference_point = batch["ref_logps"], batch["reference_point"]
             _, policy_logps, _ = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
             loss, metrics = kto_loss(
                 policy_logps,
@@ -129,8 +162,6 @@ def make_forward_step(kto: KTOSection, vocab_size: int, tp_group, reference_mode
 
 def run(config: KTORunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    if config.parallel.pp > 1:
-        raise ValueError("KTO runs with parallel.pp=1 (see aligner.recipes.kto)")
     setup(config.parallel, config.trainer)
     from megatron.core import parallel_state
 
@@ -140,14 +171,18 @@ def run(config: KTORunConfig):
     model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
     check_vocab(tokenizer, model)
     reference_model = frozen_copy(model)  # initial weights: the trainer resumes a checkpoint later
-    forward_step = make_forward_step(
+    annotate = reference_annotator(
         config.kto,
-        model.aligner_config.vocab_size,
-        tensor_parallel_group(),
+        model,
         reference_model,
-        parallel_state.get_data_parallel_group(),
+        vocab_size=model.aligner_config.vocab_size,
+        tp_group=tensor_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
     )
-    return fit(config, model, forward_step, *make_loaders(config, train, val))
+    train_loader, val_loader = make_loaders(config, train, val)
+    val_loader = None if val_loader is None else Annotated(val_loader, annotate)
+    forward_step = make_forward_step(config.kto, model.aligner_config.vocab_size, tensor_parallel_group())
+    return fit(config, model, forward_step, Annotated(train_loader, annotate), val_loader)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -150,17 +150,29 @@ SHORT_RUN = [
 ]
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo"])
-def test_parallel_layouts_match_a_single_process(sft_run, recipe):
+# recipe, config, data kind, extra overrides, layouts on 2 processes ([]: data-parallel; for
+# DPO also the reference table computed half per replica). The on-the-fly reference (DPO) and
+# KTO's reference and KL point run forward-only pipeline schedules before each step. KTO's
+# reference point z pools the micro-batches of all data-parallel ranks, so only its tp/pp
+# layouts compute the same loss as one process.
+MODEL_PARALLEL = (["parallel.tp=2"], ["parallel.pp=2"])
+PARALLEL_CASES = {
+    "sft": ("sft", "sft_tiny.yaml", "sft", [], (*MODEL_PARALLEL, [])),
+    "dpo": ("dpo", "dpo_tiny.yaml", "preference", [], (*MODEL_PARALLEL, [])),
+    "dpo-on-the-fly": ("dpo", "dpo_tiny.yaml", "preference", ["dpo.reference=on_the_fly"], MODEL_PARALLEL),
+    "kto": ("kto", "kto_tiny.yaml", "kto", [], MODEL_PARALLEL),
+}
+
+
+@pytest.mark.parametrize("case", list(PARALLEL_CASES))
+def test_parallel_layouts_match_a_single_process(sft_run, case):
+    recipe, config_file, kind, extra, layouts = PARALLEL_CASES[case]
     _, _, hf_dir = sft_run
     demo = hf_dir.parents[2]
-    kind = "sft" if recipe == "sft" else "preference"
-    overrides = [*data_overrides(demo, kind), f"model.hf_path={hf_dir}", "model.config=null", *SHORT_RUN]
-    config_file = f"{recipe}_tiny.yaml"
+    overrides = [*data_overrides(demo, kind), f"model.hf_path={hf_dir}", "model.config=null", *SHORT_RUN, *extra]
     (single,) = run_distributed(recipe_worker, 1, args=(recipe, config_file, overrides))
     want = torch.tensor([step["loss"] for step in single["history"]])
-    # 2 processes without tp/pp: data-parallel (for DPO, also the reference table computed half per replica)
-    for layout in (["parallel.tp=2"], ["parallel.pp=2"], []):
+    for layout in layouts:
         for result in run_distributed(recipe_worker, 2, args=(recipe, config_file, [*overrides, *layout])):
             # every rank reports the global metrics
             got = torch.tensor([step["loss"] for step in result["history"]])
