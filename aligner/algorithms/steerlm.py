@@ -313,21 +313,54 @@ def generate_with_attributes(
         ValueError: the tokenizer has no eos token; see :func:`conditioned_prompt`
             and :func:`aligner.generation.torch_engine.generate`.
     """
+    (response,) = generate_with_attributes_batch(
+        model,
+        tokenizer,
+        [prompt],
+        attributes,
+        names=names,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    )
+    return response
+
+
+def generate_with_attributes_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    attributes: Mapping[str, float],
+    *,
+    names: Sequence[str] = DEFAULT_ATTRIBUTES,
+    max_new_tokens: int = 256,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """:func:`generate_with_attributes` for several prompts in one batch of the engine; one response each."""
     from aligner.generation.torch_engine import generate
 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id: generation would never stop at an end token")
-    conditioned = conditioned_prompt(prompt, attributes, names)
-    if isinstance(conditioned, str):
-        prompt_ids = tokenizer.encode(conditioned)
-    else:
-        text = tokenizer.apply_chat_template(conditioned, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt_ids = []
+    for prompt in prompts:
+        conditioned = conditioned_prompt(prompt, attributes, names)
+        if isinstance(conditioned, str):
+            prompt_ids.append(list(tokenizer.encode(conditioned)))
+        else:
+            text = tokenizer.apply_chat_template(conditioned, tokenize=False, add_generation_prompt=True)
+            prompt_ids.append(list(tokenizer.encode(text, add_special_tokens=False)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out = generate(
         model,
-        [list(prompt_ids)],
+        prompt_ids,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad,
@@ -337,5 +370,9 @@ def generate_with_attributes(
         greedy=greedy,
         generator=generator,
     )
-    response = out.tokens[0, int(out.prompt_lengths[0]) : int(out.lengths[0])]
-    return tokenizer.decode(response.tolist(), skip_special_tokens=True)
+    return [
+        tokenizer.decode(
+            out.tokens[row, int(out.prompt_lengths[row]) : int(out.lengths[row])].tolist(), skip_special_tokens=True
+        )
+        for row in range(len(prompt_ids))
+    ]

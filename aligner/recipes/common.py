@@ -418,6 +418,29 @@ def report(name: str, trainer) -> None:
     print("; ".join(lines), flush=True)
 
 
+def prepare_run(
+    config, kind: RecordKind, attribute_names: Sequence[str] = (), num_value_outputs: int | None = None
+) -> tuple[EncodedDataset, EncodedDataset | None, Any]:
+    """What every recipe does first: :func:`setup`, then ``(train, val, model)``.
+
+    ``config`` has the recipe sections ``model``, ``data``, ``parallel`` and
+    ``trainer``; the splits are read as records of ``kind`` (``val`` is None
+    without ``data.val``); the model is this rank's shard, its vocabulary
+    checked against the tokenizer's.
+    """
+    setup(config.parallel, config.trainer)
+    tokenizer = load_tokenizer_for(config.model, config.data)
+    train = load_dataset_split(config.data.train, kind, tokenizer, config.data, attribute_names)
+    val = None
+    if config.data.val is not None:
+        val = load_dataset_split(config.data.val, kind, tokenizer, config.data, attribute_names)
+    model = build_model_from(
+        config.model, num_value_outputs=num_value_outputs, tp=config.parallel.tp, pp=config.parallel.pp
+    )
+    check_vocab(tokenizer, model)
+    return train, val, model
+
+
 def make_loaders(config, train: EncodedDataset, val: EncodedDataset | None):
     """This rank's training loader (shuffled, resumable) and validation loader (in order, or None)."""
     loader_args = dict(

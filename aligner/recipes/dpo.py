@@ -33,17 +33,13 @@ from aligner.recipes.common import (
     REFERENCE_MODES,
     DataSection,
     ModelSection,
-    build_model_from,
-    check_vocab,
     fit,
     frozen_copy,
-    load_dataset_split,
-    load_tokenizer_for,
     make_loaders,
     parse_command_line,
     precompute_sequence_logprobs,
+    prepare_run,
     report,
-    setup,
     tensor_parallel_group,
     weighted_metrics,
     with_reference_model,
@@ -159,13 +155,8 @@ def make_forward_step(dpo: DPOSection, vocab_size: int, tp_group):
 
 def run(config: DPORunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    setup(config.parallel, config.trainer)
     dpo = config.dpo
-    tokenizer = load_tokenizer_for(config.model, config.data)
-    train = load_dataset_split(config.data.train, "preference", tokenizer, config.data)
-    val = None if config.data.val is None else load_dataset_split(config.data.val, "preference", tokenizer, config.data)
-    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
-    check_vocab(tokenizer, model)
+    train, val, model = prepare_run(config, "preference")
     vocab_size, tp_group = model.aligner_config.vocab_size, tensor_parallel_group()
     train_loader, val_loader = make_loaders(config, train, val)
     if dpo.uses_reference:

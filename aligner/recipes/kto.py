@@ -33,17 +33,13 @@ from aligner.recipes.common import (
     Annotated,
     DataSection,
     ModelSection,
-    build_model_from,
-    check_vocab,
     fit,
     forward_only_sequence_logprobs,
     frozen_copy,
-    load_dataset_split,
-    load_tokenizer_for,
     make_loaders,
     parse_command_line,
+    prepare_run,
     report,
-    setup,
     tensor_parallel_group,
     to_device,
 )
@@ -162,14 +158,9 @@ def make_forward_step(kto: KTOSection, vocab_size: int, tp_group):
 
 def run(config: KTORunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    setup(config.parallel, config.trainer)
+    train, val, model = prepare_run(config, "kto")
     from megatron.core import parallel_state
 
-    tokenizer = load_tokenizer_for(config.model, config.data)
-    train = load_dataset_split(config.data.train, "kto", tokenizer, config.data)
-    val = None if config.data.val is None else load_dataset_split(config.data.val, "kto", tokenizer, config.data)
-    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
-    check_vocab(tokenizer, model)
     reference_model = frozen_copy(model)  # initial weights: the trainer resumes a checkpoint later
     annotate = reference_annotator(
         config.kto,

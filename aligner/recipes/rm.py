@@ -30,15 +30,11 @@ from aligner.data import HELPSTEER2_ATTRIBUTES
 from aligner.recipes.common import (
     DataSection,
     ModelSection,
-    build_model_from,
-    check_vocab,
     fit,
-    load_dataset_split,
-    load_tokenizer_for,
     make_loaders,
     parse_command_line,
+    prepare_run,
     report,
-    setup,
     weighted_metrics,
 )
 
@@ -118,18 +114,9 @@ def make_forward_step(rm: RMSection):
 
 def run(config: RMRunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    setup(config.parallel, config.trainer)
     kind = "preference" if config.rm.kind == "pairwise" else "regression"
     names = config.rm.attribute_names if kind == "regression" else ()
-    tokenizer = load_tokenizer_for(config.model, config.data)
-    train = load_dataset_split(config.data.train, kind, tokenizer, config.data, names)
-    val = None
-    if config.data.val is not None:
-        val = load_dataset_split(config.data.val, kind, tokenizer, config.data, names)
-    model = build_model_from(
-        config.model, num_value_outputs=config.rm.num_outputs, tp=config.parallel.tp, pp=config.parallel.pp
-    )
-    check_vocab(tokenizer, model)
+    train, val, model = prepare_run(config, kind, names, num_value_outputs=config.rm.num_outputs)
     return fit(config, model, make_forward_step(config.rm), *make_loaders(config, train, val))
 
 

@@ -21,15 +21,11 @@ from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, Paralle
 from aligner.recipes.common import (
     DataSection,
     ModelSection,
-    build_model_from,
-    check_vocab,
     fit,
-    load_dataset_split,
-    load_tokenizer_for,
     make_loaders,
     parse_command_line,
+    prepare_run,
     report,
-    setup,
     tensor_parallel_group,
 )
 
@@ -63,12 +59,7 @@ def make_forward_step(vocab_size: int, tp_group):
 
 def run(config: SFTRunConfig):
     """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    setup(config.parallel, config.trainer)
-    tokenizer = load_tokenizer_for(config.model, config.data)
-    train = load_dataset_split(config.data.train, "sft", tokenizer, config.data)
-    val = None if config.data.val is None else load_dataset_split(config.data.val, "sft", tokenizer, config.data)
-    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
-    check_vocab(tokenizer, model)
+    train, val, model = prepare_run(config, "sft")
     forward_step = make_forward_step(model.aligner_config.vocab_size, tensor_parallel_group())
     return fit(config, model, forward_step, *make_loaders(config, train, val))
 

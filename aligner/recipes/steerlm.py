@@ -23,8 +23,8 @@ The recipe (Dong et al., 2023; NeMo-Aligner), on attribute data
 
 Every data-parallel replica annotates the whole dataset itself (one forward
 pass of the reward model, before training); annotation supports tensor
-parallelism only (``parallel.pp: 1``), and the reward model's checkpoint must
-have this run's tensor-parallel size.
+parallelism only (``parallel.pp: 1``); the reward model's checkpoint may have
+been written at any parallel layout (distributed checkpoints are resliced).
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from aligner.algorithms.steerlm import Prompt, annotate, conditioned_prompt, format_attributes
+from aligner.algorithms.steerlm import (
+    Prompt,
+    annotate,
+    conditioned_prompt,
+    format_attributes,
+    generate_with_attributes_batch,
+)
 from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
 from aligner.data import HELPSTEER2_ATTRIBUTES, ChatEncoder, EncodedDataset, RegressionRecord, SFTRecord, read_records
 from aligner.recipes.common import (
@@ -240,35 +246,20 @@ def steer(
     Raises:
         ValueError: see :func:`conditioned_prompt` and :func:`aligner.generation.torch_engine.generate`.
     """
-    from aligner.generation.torch_engine import generate
-
-    encoder = ChatEncoder(tokenizer)
-    prompt_ids = [
-        encoder.prompt(
-            conditioned_prompt(
-                [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, attributes, names
-            )
-        )
-        for prompt in prompts
-    ]
-    out = generate(
+    chat_prompts = [[{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt for prompt in prompts]
+    return generate_with_attributes_batch(
         model,
-        prompt_ids,
+        tokenizer,
+        chat_prompts,
+        attributes,
+        names=names,
         max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         greedy=greedy,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         generator=generator,
     )
-    return [
-        tokenizer.decode(
-            out.tokens[row, int(out.prompt_lengths[row]) : int(out.lengths[row])].tolist(), skip_special_tokens=True
-        )
-        for row in range(len(prompt_ids))
-    ]
 
 
 def _log_annotation(path: str, records: Sequence[RegressionRecord], names: Sequence[str]) -> None:

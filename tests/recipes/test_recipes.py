@@ -56,15 +56,6 @@ def data_overrides(demo: Path, kind: str, run: str | None = None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from aligner.recipes.prepare_demo import prepare_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    prepare_demo(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def sft_run(demo):
     """The tiny SFT run, exported to Hugging Face format (the start of the DPO/KTO runs)."""
     probe = torch.randint(0, 300, (2, 12))

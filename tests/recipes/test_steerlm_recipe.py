@@ -94,15 +94,6 @@ def write_unlabelled(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from aligner.recipes.prepare_demo import prepare_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    prepare_demo(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def steered(demo):
     data = demo / "data" / "regression"
     paths = [f"data.tokenizer={demo / 'tokenizer'}", "logging.tensorboard_dir=null", "logging.progress_bar=false"]

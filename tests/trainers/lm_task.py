@@ -9,6 +9,7 @@
   token-count-weighted accuracy metric.
 - :func:`random_full_state_dict` / :func:`make_model`: the same weights on any
   tensor/pipeline layout.
+- :func:`optimizer_shards`: a distributed optimizer's state on one rank, for checkpoint tests.
 """
 
 from __future__ import annotations
@@ -141,3 +142,14 @@ def lm_forward_step(batch, model):
         return nll, count, {"accuracy": torch.stack([correct, count]), "rows": torch.tensor(float(labels.shape[0]))}
 
     return logits, loss_func
+
+
+def optimizer_shards(optimizer) -> list[torch.Tensor]:
+    """A distributed optimizer's state on this rank, on the CPU: its fp32 main weight shards and their Adam moments."""
+    tensors = []
+    for chained in optimizer.chained_optimizers:
+        for group in chained.optimizer.param_groups:
+            for param in group["params"]:
+                tensors.append(param.detach().cpu().clone())
+                tensors.extend(chained.optimizer.state[param][key].cpu().clone() for key in ("exp_avg", "exp_avg_sq"))
+    return tensors

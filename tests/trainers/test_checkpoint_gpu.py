@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model
+from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model, optimizer_shards
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,18 +22,6 @@ STEPS, SAVED_AT, GLOBAL_BATCH, MICRO_BATCH = 4, 2, 8, 2
 # Same inputs and kernels, but the embedding backward accumulates with atomics,
 # so reruns agree to rounding, not bitwise.
 LOSS_RTOL = {"float32": 1e-5, "bfloat16": 1e-2}
-
-
-def _optimizer_state(optimizer) -> list[torch.Tensor]:
-    """The distributed optimizer's own state: its fp32 main weight shards and their Adam moments."""
-    tensors = []
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = chained.optimizer
-        for group in inner.param_groups:
-            for param in group["params"]:
-                tensors.append(param.detach().cpu().clone())
-                tensors.extend(inner.state[param][key].detach().cpu().clone() for key in ("exp_avg", "exp_avg_sq"))
-    return tensors
 
 
 def worker(dtype: str, seed: int, checkpoint_dir: str | None, fail_at: int | None):
@@ -56,7 +44,7 @@ def worker(dtype: str, seed: int, checkpoint_dir: str | None, fail_at: int | Non
     uses_distributed_optimizer = bool(trainer.optimizer.config.use_distributed_optimizer)
     at_start = {"step": trainer.step, "weights": gather_full_state_dict(trainer.model)}
     if trainer.step:
-        at_start["optimizer"] = _optimizer_state(trainer.optimizer)
+        at_start["optimizer"] = optimizer_shards(trainer.optimizer)
     with contextlib.suppress(Interrupted):
         trainer.fit()
     return {
@@ -64,7 +52,7 @@ def worker(dtype: str, seed: int, checkpoint_dir: str | None, fail_at: int | Non
         "start": at_start,
         "end": {
             "weights": gather_full_state_dict(trainer.model),
-            "optimizer": _optimizer_state(trainer.optimizer),
+            "optimizer": optimizer_shards(trainer.optimizer),
         },
         "history": trainer.summary.history,
     }

@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model
+from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model, optimizer_shards
 
 STEPS, SAVED_AT, GLOBAL_BATCH, MICRO_BATCH = 4, 2, 8, 2
 LOSS_RTOL = 1e-5  # as test_offline_parallel: a few ulps per re-associated fp32 sum, over 4 steps
@@ -63,17 +63,6 @@ def _report_cpu_tensors_as_cuda() -> None:
     torch.Tensor.type = type_as_cuda
 
 
-def _optimizer_shards(optimizer) -> list[torch.Tensor]:
-    """This rank's distributed optimizer state: its fp32 main weight shards and their Adam moments."""
-    tensors = []
-    for chained in optimizer.chained_optimizers:
-        for group in chained.optimizer.param_groups:
-            for param in group["params"]:
-                tensors.append(param.detach().clone())
-                tensors.extend(chained.optimizer.state[param][key].clone() for key in MOMENTS)
-    return tensors
-
-
 def worker(
     tp: int, pp: int, seed: int, checkpoint_dir: str | None, fail_at: int | None, distributed_optimizer: bool = False
 ):
@@ -114,7 +103,7 @@ def worker(
         return state
 
     at_start = snapshot()  # collectives: every rank takes part
-    shards_at_start = _optimizer_shards(trainer.optimizer) if distributed_optimizer and at_start["step"] else None
+    shards_at_start = optimizer_shards(trainer.optimizer) if distributed_optimizer and at_start["step"] else None
     with contextlib.suppress(Interrupted):
         trainer.fit()
     at_end = snapshot()
@@ -125,7 +114,7 @@ def worker(
         "start": at_start if first_replica else None,
         "end": at_end if first_replica else None,
         "history": trainer.summary.history,
-        "shards": (shards_at_start, _optimizer_shards(trainer.optimizer)) if distributed_optimizer else None,
+        "shards": (shards_at_start, optimizer_shards(trainer.optimizer)) if distributed_optimizer else None,
     }
 
 
