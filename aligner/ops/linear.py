@@ -158,8 +158,13 @@ def linear_backward_chunks(
 
     ``hidden`` is ``[N, H]``, ``weight`` ``[V, H]``; returns ``(grad_hidden, grad_weight)``
     (``None`` where not needed). A bf16/fp16 ``grad_weight`` is summed over chunks in
-    float32 and rounded once at the end: a sum of per-chunk roundings would grow with
-    the number of chunks, where ``g.T @ hidden`` in one matmul rounds once.
+    float32 and rounded to the weight's dtype once at the end. On the CPU each chunk's
+    ``g.T @ hidden`` is also formed in float32 (an in-place ``addmm_``, which there is
+    faster than the half-precision product), so the result rounds exactly once, as one
+    unchunked matmul does. On CUDA the product stays on the half-precision tensor cores
+    and each chunk's ``[V, H]`` partial is rounded before the float32 sum: a float32
+    product would run on the far slower float32 units, and PyTorch's fp32-output
+    half-precision GEMM is not available in every release we support.
     """
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
     grad_weight = None
@@ -175,8 +180,10 @@ def linear_backward_chunks(
         if grad_weight is not None:
             if grad_weight.dtype == weight.dtype:
                 grad_weight.addmm_(grad_logits.T, hidden[rows])
-            else:
+            elif grad_weight.is_cuda:
                 grad_weight += grad_logits.T @ hidden[rows]
+            else:
+                grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
         del grad_logits  # before the next chunk's logits exist
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
