@@ -178,12 +178,10 @@ def linear_backward_chunks(
         if grad_hidden is not None:
             torch.matmul(grad_logits, weight, out=grad_hidden[rows])
         if grad_weight is not None:
-            if grad_weight.dtype == weight.dtype:
-                grad_weight.addmm_(grad_logits.T, hidden[rows])
-            elif grad_weight.is_cuda:
+            if grad_weight.is_cuda and grad_weight.dtype != weight.dtype:  # half-precision tensor-core product
                 grad_weight += grad_logits.T @ hidden[rows]
-            else:
-                grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
+            else:  # the product formed in the accumulator's dtype
+                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden[rows].to(grad_weight.dtype))
         del grad_logits  # before the next chunk's logits exist
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
