@@ -20,7 +20,18 @@ $(PY):
 # multi-GB torch would be pulled into the build environment otherwise), so
 # everything the build reads (torch, CUTLASS/CuTe headers) must be in place.
 CUTLASS_SPEC ?= nvidia-cutlass==4.2.0
+# The CUDA build of torch and its libraries take about 5.5 GB in the venv, the
+# build about 0.5 GB more: check the disk first, rather than let pip fail half
+# way with "No space left on device".
+MIN_FREE_GB ?= 7
 $(VENV)/.torch-installed: | $(PY)
+	@avail_kb=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+	if [ "$$avail_kb" -lt $$(( $(MIN_FREE_GB) * 1024 * 1024 )) ]; then \
+		echo "error: $(VENV) needs about $(MIN_FREE_GB) GB free for torch and the build;" \
+			"only $$(( avail_kb / 1024 / 1024 )) GB free on $$(df -P $(VENV) | awk 'NR==2 {print $$6}')" \
+			"(free some space, or set MIN_FREE_GB)" >&2; \
+		exit 1; \
+	fi
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(CUTLASS_SPEC)" "setuptools>=68" wheel "cmake>=3.26" ninja
 	touch $@
 
