@@ -86,10 +86,10 @@ def test_matches_matmul_then_token_logprobs(dtype, rows_shape, chunk_size):
         assert our_error.max() <= allowed, (name, our_error.max().item(), torch_error.max().item())
 
 
-def _bf16_ulp(values: torch.Tensor) -> torch.Tensor:
-    """The spacing of bf16 numbers at each value's magnitude (8 significant bits)."""
-    _, exponent = torch.frexp(values.double())  # values = m * 2**exponent, 0.5 <= |m| < 1
-    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 8)
+def _ulp(values: torch.Tensor) -> torch.Tensor:
+    """The distance from each value's magnitude to the next number of its dtype, in float64."""
+    magnitude = values.abs()
+    return (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).double()
 
 
 def test_bf16_weight_grad_rounds_once_whatever_the_chunking():
@@ -114,10 +114,10 @@ def test_bf16_weight_grad_rounds_once_whatever_the_chunking():
         weight_leaf = weight.clone().requires_grad_()
         logprobs = linear_token_logprobs(hidden, weight_leaf, labels, chunk_size=chunk_size)
         (grad,) = torch.autograd.grad((logprobs * upstream).sum(), weight_leaf)
-        grads.append(grad.double())
+        grads.append(grad)
     one_chunk = grads[1]
-    allowed = torch.maximum(_bf16_ulp(one_chunk), _bf16_ulp(one_chunk.abs().max()) / 128)
-    assert torch.all((grads[0] - one_chunk).abs() <= allowed)
+    allowed = torch.maximum(_ulp(one_chunk), _ulp(one_chunk.abs().max()) / 128)
+    assert torch.all((grads[0].double() - one_chunk.double()).abs() <= allowed)
 
 
 def test_chunked_impl_is_the_cpu_path():
