@@ -14,13 +14,12 @@ at::Tensor as_bool_mask(const at::Tensor& mask) {
 
 void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
-                   " must be a floating-point tensor (float32, bfloat16, float16 or float64), got ",
-                   t.scalar_type());
+                   " must be a floating-point tensor (float32, bfloat16, float16 or float64), got ", t.scalar_type());
 }
 
 void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(),
-                    ", got ", b.sizes());
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), ", got ",
+                    b.sizes());
 }
 
 std::vector<int64_t> row_shape(const at::Tensor& logits) {
@@ -29,12 +28,25 @@ std::vector<int64_t> row_shape(const at::Tensor& logits) {
   return sizes;
 }
 
-at::ScalarType compute_dtype(const at::Tensor& a) {
-  return a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(const at::Tensor& a) { return a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+ElemType elem_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ElemType::kFloat;
+    case at::kBFloat16:
+      return ElemType::kBFloat16;
+    case at::kHalf:
+      return ElemType::kHalf;
+    case at::kDouble:
+      return ElemType::kDouble;
+    default:
+      TORCH_CHECK_TYPE(false, "logits dtype ", t, " is not supported (use float32, bfloat16, float16 or float64)");
+  }
 }
 
 LogprobInputs prepare_logprob_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
@@ -43,8 +55,8 @@ LogprobInputs prepare_logprob_inputs(const at::Tensor& logits, const std::option
   TORCH_CHECK_VALUE(logits.dim() >= 1, "logits must have at least one dimension (the vocabulary), got a 0-d tensor");
   const int64_t V = logits.size(-1);
   TORCH_CHECK_VALUE(V >= 1, "logits must have a non-empty last (vocabulary) dimension, got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be a positive finite number, got ",
-                    temperature);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be a positive finite number, got ", temperature);
   LogprobInputs in;
   in.vocab = V;
   in.rows = logits.numel() / V;
@@ -78,9 +90,9 @@ LogprobInputs prepare_logprob_inputs(const at::Tensor& logits, const std::option
 }
 
 void check_kl_estimator(int64_t estimator) {
-  TORCH_CHECK_VALUE(estimator >= static_cast<int64_t>(KLEstimator::kK1) &&
-                        estimator <= static_cast<int64_t>(KLEstimator::kK3),
-                    "estimator must be one of k1 (0), abs (1), k2 (2), k3 (3), got ", estimator);
+  TORCH_CHECK_VALUE(
+      estimator >= static_cast<int64_t>(KLEstimator::kK1) && estimator <= static_cast<int64_t>(KLEstimator::kK3),
+      "estimator must be one of k1 (0), abs (1), k2 (2), k3 (3), got ", estimator);
 }
 
 void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,

@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "aligner/kernel_args.h"
+
 namespace aligner {
 
 // Inputs of the fused log-prob/entropy kernels, flattened to rows.
@@ -28,6 +30,9 @@ std::vector<int64_t> row_shape(const at::Tensor& logits);
 // is float64, else float32.
 at::ScalarType compute_dtype(const at::Tensor& a);
 at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b);
+
+// The kernels' element type of a float32, bfloat16, float16 or float64 tensor.
+ElemType elem_type_of(at::ScalarType t);
 
 // mask != 0 as a contiguous bool tensor (no copy when it already is one).
 at::Tensor as_bool_mask(const at::Tensor& mask);

@@ -18,8 +18,7 @@ TORCH_LIBRARY(aligner, m) {
       "Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
   // estimator: 0 k1, 1 abs, 2 k2, 3 k3.
   m.def("kl_penalty_forward(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
-  m.def(
-      "kl_penalty_backward(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator) -> (Tensor, Tensor)");
+  m.def("kl_penalty_backward(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator) -> (Tensor, Tensor)");
   // Per row of x [..., C] over mask != 0: (count, mean, sum of squared deviations).
   m.def("masked_moments(Tensor x, Tensor mask) -> (Tensor, Tensor, Tensor)");
   // Over all elements with mask != 0: ((x - mean) * rstd [+ mean], 0 where masked; mean; rstd),
@@ -48,8 +47,7 @@ TORCH_LIBRARY(aligner, m) {
   m.impl("gae", &aligner::gae_##dev);                                             \
   m.impl("group_advantages", &aligner::group_advantages_##dev);
 
-TORCH_LIBRARY_IMPL(aligner, CPU, m) { ALIGNER_REGISTER_IMPLS(cpu) }
-
+TORCH_LIBRARY_IMPL(aligner, CPU, m){ALIGNER_REGISTER_IMPLS(cpu)}
 #ifdef ALIGNER_WITH_CUDA
 TORCH_LIBRARY_IMPL(aligner, CUDA, m) {
   ALIGNER_REGISTER_IMPLS(cuda)
@@ -67,7 +65,7 @@ pybind11::dict build_info() {
 #ifdef ALIGNER_WITH_CUDA
   info["has_cuda_kernels"] = true;
 #else
-  info["has_cuda_kernels"] = false;
+    info["has_cuda_kernels"] = false;
 #endif
   info["nvcc_version"] = ALIGNER_BUILD_NVCC_VERSION;
   py::list archs;

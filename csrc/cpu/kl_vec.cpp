@@ -59,8 +59,12 @@ void backward_impl(const float* g, const float* a, const float* b, float* out, i
   for (; i < n; ++i) out[i] = g[i] * kl_grad<float>(a[i] - b[i], kEst);
 }
 
-void forward(const float* a, const float* b, float* out, int64_t n, int estimator) {
-  switch (static_cast<KLEstimator>(estimator)) {
+void forward(const KLForwardArgs& args, int64_t begin, int64_t end) {
+  const float* a = static_cast<const float*>(args.logprobs) + begin;
+  const float* b = static_cast<const float*>(args.ref_logprobs) + begin;
+  float* out = static_cast<float*>(args.out) + begin;
+  const int64_t n = end - begin;
+  switch (args.estimator) {
     case KLEstimator::kK1:
       return forward_impl<KLEstimator::kK1>(a, b, out, n);
     case KLEstimator::kAbs:
@@ -72,8 +76,13 @@ void forward(const float* a, const float* b, float* out, int64_t n, int estimato
   }
 }
 
-void backward(const float* g, const float* a, const float* b, float* out, int64_t n, int estimator) {
-  switch (static_cast<KLEstimator>(estimator)) {
+void backward(const KLBackwardArgs& args, int64_t begin, int64_t end) {
+  const float* g = static_cast<const float*>(args.grad) + begin;
+  const float* a = static_cast<const float*>(args.logprobs) + begin;
+  const float* b = static_cast<const float*>(args.ref_logprobs) + begin;
+  float* out = static_cast<float*>(args.grad_logprobs) + begin;
+  const int64_t n = end - begin;
+  switch (args.estimator) {
     case KLEstimator::kK1:
       return backward_impl<KLEstimator::kK1>(g, a, b, out, n);
     case KLEstimator::kAbs:

@@ -4,32 +4,17 @@
 // same shared math, so gradcheck runs in double precision.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
 #include <sys/mman.h>
-
 
 #include "aligner/softmax_stats.h"
 #include "checks.h"
-#include "vec_kernels.h"
 #include "ops.h"
+#include "vec_kernels.h"
 
 namespace aligner {
 namespace cpu {
 
 namespace {
-
-ElemType elem_type_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ElemType::kFloat;
-    case at::kBFloat16:
-      return ElemType::kBFloat16;
-    case at::kHalf:
-      return ElemType::kHalf;
-    default:
-      TORCH_CHECK_TYPE(false, "logits dtype ", t, " is not supported (use float32, bfloat16, float16 or float64)");
-  }
-}
 
 // A fresh [N, V] gradient is hundreds of MB, and faulting it in 4 KiB pages
 // costs more than computing it. Asking for transparent huge pages on the
@@ -46,12 +31,16 @@ void advise_huge_pages(void* data, size_t nbytes) {
 int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
 
 // float64: plain per-element loop over the shared math.
-void forward_double(const LogprobInputs& in, double inv_t, int64_t ignore_index, double* logprobs, double* entropy,
-                    double* lse) {
-  const double* logits = in.logits.const_data_ptr<double>();
-  const int64_t* labels = in.labels.defined() ? in.labels.const_data_ptr<int64_t>() : nullptr;
-  const int64_t V = in.vocab;
-  at::parallel_for(0, in.rows, row_grain(V), [&](int64_t begin, int64_t end) {
+void forward_double(const LogprobForwardArgs& a) {
+  const auto* logits = static_cast<const double*>(a.logits);
+  auto* logprobs = static_cast<double*>(a.logprobs);
+  auto* entropy = static_cast<double*>(a.entropy);
+  auto* lse = static_cast<double*>(a.lse);
+  const int64_t* labels = a.labels;
+  const int64_t ignore_index = a.ignore_index;
+  const double inv_t = a.inv_temperature;
+  const int64_t V = a.vocab;
+  at::parallel_for(0, a.rows, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       SoftmaxStats<double> st = softmax_stats_empty<double>();
       for (int64_t j = 0; j < V; ++j) softmax_stats_add(st, logits[r * V + j] * inv_t);
@@ -64,12 +53,18 @@ void forward_double(const LogprobInputs& in, double inv_t, int64_t ignore_index,
   });
 }
 
-void backward_double(const LogprobInputs& in, double inv_t, int64_t ignore_index, const double* lse,
-                     const double* entropy, const double* grad_lp, const double* grad_ent, double* grad) {
-  const double* logits = in.logits.const_data_ptr<double>();
-  const int64_t* labels = in.labels.defined() ? in.labels.const_data_ptr<int64_t>() : nullptr;
-  const int64_t V = in.vocab;
-  at::parallel_for(0, in.rows, row_grain(V), [&](int64_t begin, int64_t end) {
+void backward_double(const LogprobBackwardArgs& a) {
+  const auto* logits = static_cast<const double*>(a.logits);
+  const auto* lse = static_cast<const double*>(a.lse);
+  const auto* entropy = static_cast<const double*>(a.entropy);
+  const auto* grad_lp = static_cast<const double*>(a.grad_logprobs);
+  const auto* grad_ent = static_cast<const double*>(a.grad_entropy);
+  auto* grad = static_cast<double*>(a.grad_logits);
+  const int64_t* labels = a.labels;
+  const int64_t ignore_index = a.ignore_index;
+  const double inv_t = a.inv_temperature;
+  const int64_t V = a.vocab;
+  at::parallel_for(0, a.rows, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels != nullptr ? labels[r] : ignore_index;
       const double g_lp = (grad_lp != nullptr && label != ignore_index) ? grad_lp[r] : 0.0;
@@ -99,24 +94,22 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_entropy_forward_cpu(const Tensor& lo
   Tensor entropy = with_entropy ? at::empty(shape, opts) : at::empty({0}, opts);
   if (in.rows == 0) return {logprobs, entropy, lse};
 
-  if (out_dtype == at::kDouble) {
-    cpu::forward_double(in, 1.0 / temperature, ignore_index, with_logprobs ? logprobs.data_ptr<double>() : nullptr,
-                        with_entropy ? entropy.data_ptr<double>() : nullptr, lse.data_ptr<double>());
-    return {logprobs, entropy, lse};
+  const LogprobForwardArgs args{.logits = in.logits.const_data_ptr(),
+                                .elem_type = elem_type_of(in.logits.scalar_type()),
+                                .rows = in.rows,
+                                .vocab = in.vocab,
+                                .labels = with_logprobs ? in.labels.const_data_ptr<int64_t>() : nullptr,
+                                .ignore_index = ignore_index,
+                                .inv_temperature = 1.0 / temperature,
+                                .logprobs = with_logprobs ? logprobs.data_ptr() : nullptr,
+                                .entropy = with_entropy ? entropy.data_ptr() : nullptr,
+                                .lse = lse.data_ptr()};
+  if (args.elem_type == ElemType::kDouble) {
+    cpu::forward_double(args);
+  } else {
+    const cpu::RowsFn fn = cpu::active_logprob_kernels().forward[static_cast<int>(args.elem_type)];
+    at::parallel_for(0, in.rows, cpu::row_grain(in.vocab), [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
   }
-  cpu::ForwardArgs args{};
-  args.logits = in.logits.const_data_ptr();
-  args.elem_type = cpu::elem_type_of(in.logits.scalar_type());
-  args.vocab = in.vocab;
-  args.labels = with_logprobs ? in.labels.const_data_ptr<int64_t>() : nullptr;
-  args.ignore_index = ignore_index;
-  args.inv_temperature = static_cast<float>(1.0 / temperature);
-  args.logprobs = with_logprobs ? logprobs.data_ptr<float>() : nullptr;
-  args.entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  args.lse = lse.data_ptr<float>();
-  const cpu::RowsFn fn = cpu::active_logprob_kernels().forward[static_cast<int>(args.elem_type)];
-  at::parallel_for(0, in.rows, cpu::row_grain(in.vocab),
-                   [&](int64_t begin, int64_t end) { fn(&args, begin, end); });
   return {logprobs, entropy, lse};
 }
 
@@ -141,24 +134,21 @@ Tensor logprobs_entropy_backward_cpu(const OptTensor& grad_logprobs, const OptTe
   Tensor grad = at::empty_like(prepared.logits);
   cpu::advise_huge_pages(grad.data_ptr(), grad.nbytes());
   if (in.rows > 0) {
-    if (acc == at::kDouble) {
-      cpu::backward_double(prepared, 1.0 / temperature, ignore_index, saved_lse.const_data_ptr<double>(),
-                           with_ent ? saved_ent.const_data_ptr<double>() : nullptr,
-                           with_lp ? g_lp.const_data_ptr<double>() : nullptr,
-                           with_ent ? g_ent.const_data_ptr<double>() : nullptr, grad.data_ptr<double>());
+    const LogprobBackwardArgs args{.logits = prepared.logits.const_data_ptr(),
+                                   .elem_type = elem_type_of(prepared.logits.scalar_type()),
+                                   .rows = in.rows,
+                                   .vocab = in.vocab,
+                                   .labels = with_lp ? prepared.labels.const_data_ptr<int64_t>() : nullptr,
+                                   .ignore_index = ignore_index,
+                                   .inv_temperature = 1.0 / temperature,
+                                   .lse = saved_lse.const_data_ptr(),
+                                   .entropy = with_ent ? saved_ent.const_data_ptr() : nullptr,
+                                   .grad_logprobs = with_lp ? g_lp.const_data_ptr() : nullptr,
+                                   .grad_entropy = with_ent ? g_ent.const_data_ptr() : nullptr,
+                                   .grad_logits = grad.data_ptr()};
+    if (args.elem_type == ElemType::kDouble) {
+      cpu::backward_double(args);
     } else {
-      cpu::BackwardArgs args{};
-      args.logits = prepared.logits.const_data_ptr();
-      args.elem_type = cpu::elem_type_of(prepared.logits.scalar_type());
-      args.vocab = in.vocab;
-      args.labels = with_lp ? prepared.labels.const_data_ptr<int64_t>() : nullptr;
-      args.ignore_index = ignore_index;
-      args.inv_temperature = static_cast<float>(1.0 / temperature);
-      args.lse = saved_lse.const_data_ptr<float>();
-      args.entropy = with_ent ? saved_ent.const_data_ptr<float>() : nullptr;
-      args.grad_logprobs = with_lp ? g_lp.const_data_ptr<float>() : nullptr;
-      args.grad_entropy = with_ent ? g_ent.const_data_ptr<float>() : nullptr;
-      args.grad_logits = grad.data_ptr();
       const cpu::RowsFn fn = cpu::active_logprob_kernels().backward[static_cast<int>(args.elem_type)];
       at::parallel_for(0, in.rows, cpu::row_grain(in.vocab),
                        [&](int64_t begin, int64_t end) { fn(&args, begin, end); });

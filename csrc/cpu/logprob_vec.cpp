@@ -125,9 +125,13 @@ SoftmaxStats<float> chunk_stats(const float* x, int64_t n, float chunk_max, floa
 }
 
 template <typename scalar_t, bool kEntropy>
-void forward_rows_impl(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+void forward_rows_impl(const LogprobForwardArgs& a, int64_t row_begin, int64_t row_end) {
   alignas(64) float buf[kChunk];
   const auto* logits = static_cast<const scalar_t*>(a.logits);
+  auto* logprobs = static_cast<float*>(a.logprobs);
+  auto* entropy = static_cast<float*>(a.entropy);
+  auto* lse_out = static_cast<float*>(a.lse);
+  const float inv_t = static_cast<float>(a.inv_temperature);
   const int64_t V = a.vocab;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + r * V;
@@ -136,22 +140,21 @@ void forward_rows_impl(const ForwardArgs& a, int64_t row_begin, int64_t row_end)
       const int64_t n = std::min(kChunk, V - c);
       float chunk_max;
       const float* x = load_chunk(row, c, n, buf, &chunk_max);
-      st = chunk_stats<kEntropy>(x, n, chunk_max, a.inv_temperature, st);
+      st = chunk_stats<kEntropy>(x, n, chunk_max, inv_t, st);
     }
     const float lse = softmax_stats_lse(st);
-    a.lse[r] = lse;
-    if (kEntropy) a.entropy[r] = softmax_stats_entropy(st);
-    if (a.logprobs != nullptr) {
+    lse_out[r] = lse;
+    if (kEntropy) entropy[r] = softmax_stats_entropy(st);
+    if (logprobs != nullptr) {
       const int64_t label = a.labels[r];
-      a.logprobs[r] =
-          label == a.ignore_index ? 0.f : static_cast<float>(row[label]) * a.inv_temperature - lse;
+      logprobs[r] = label == a.ignore_index ? 0.f : static_cast<float>(row[label]) * inv_t - lse;
     }
   }
 }
 
 template <typename scalar_t>
 void forward_rows(const void* args, int64_t row_begin, int64_t row_end) {
-  const auto& a = *static_cast<const ForwardArgs*>(args);
+  const auto& a = *static_cast<const LogprobForwardArgs*>(args);
   if (a.entropy != nullptr) {
     forward_rows_impl<scalar_t, true>(a, row_begin, row_end);
   } else {
@@ -162,8 +165,7 @@ void forward_rows(const void* args, int64_t row_begin, int64_t row_end) {
 // out[j] = d(g_lp * logprob + g_ent * entropy) / d logit_j for x[0, n),
 // without the label's +g_lp (the caller adds it before rounding):
 //   -p_j * (g_lp + g_ent * (log p_j + H)) / T
-void chunk_grad(const float* x, int64_t n, float inv_t, float lse, float entropy, float g_lp, float g_ent,
-                float* out) {
+void chunk_grad(const float* x, int64_t n, float inv_t, float lse, float entropy, float g_lp, float g_ent, float* out) {
   const Vec vscale(inv_t);
   const Vec vneg_lse(-lse);
   const Vec vg_ent(g_ent);
@@ -197,20 +199,25 @@ void store_chunk(const float* src, scalar_t* dst, int64_t n) {
 
 template <typename scalar_t>
 void backward_rows(const void* args, int64_t row_begin, int64_t row_end) {
-  const auto& a = *static_cast<const BackwardArgs*>(args);
+  const auto& a = *static_cast<const LogprobBackwardArgs*>(args);
   alignas(64) float in_buf[kChunk];
   alignas(64) float out_buf[kChunk];
   const auto* logits = static_cast<const scalar_t*>(a.logits);
+  const auto* lse = static_cast<const float*>(a.lse);
+  const auto* saved_entropy = static_cast<const float*>(a.entropy);
+  const auto* grad_logprobs = static_cast<const float*>(a.grad_logprobs);
+  const auto* grad_entropy = static_cast<const float*>(a.grad_entropy);
   auto* grad = static_cast<scalar_t*>(a.grad_logits);
+  const float inv_t = static_cast<float>(a.inv_temperature);
   const int64_t V = a.vocab;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const scalar_t* row = logits + r * V;
     scalar_t* grad_row = grad + r * V;
     const int64_t label = a.labels != nullptr ? a.labels[r] : a.ignore_index;
-    const bool has_label = a.grad_logprobs != nullptr && label != a.ignore_index;
-    const float g_lp = has_label ? a.grad_logprobs[r] : 0.f;
-    const float g_ent = a.grad_entropy != nullptr ? a.grad_entropy[r] : 0.f;
-    const float entropy = a.entropy != nullptr ? a.entropy[r] : 0.f;
+    const bool has_label = grad_logprobs != nullptr && label != a.ignore_index;
+    const float g_lp = has_label ? grad_logprobs[r] : 0.f;
+    const float g_ent = grad_entropy != nullptr ? grad_entropy[r] : 0.f;
+    const float entropy = saved_entropy != nullptr ? saved_entropy[r] : 0.f;
     if (g_lp == 0.f && g_ent == 0.f) {
       std::fill(grad_row, grad_row + V, scalar_t(0));
       continue;
@@ -218,8 +225,8 @@ void backward_rows(const void* args, int64_t row_begin, int64_t row_end) {
     for (int64_t c = 0; c < V; c += kChunk) {
       const int64_t n = std::min(kChunk, V - c);
       float* out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(grad_row) + c : out_buf;
-      chunk_grad(load_chunk_nomax(row, c, n, in_buf), n, a.inv_temperature, a.lse[r], entropy, g_lp, g_ent, out);
-      if (has_label && label >= c && label < c + n) out[label - c] += g_lp * a.inv_temperature;
+      chunk_grad(load_chunk_nomax(row, c, n, in_buf), n, inv_t, lse[r], entropy, g_lp, g_ent, out);
+      if (has_label && label >= c && label < c + n) out[label - c] += g_lp * inv_t;
       store_chunk(out, grad_row + c, n);
     }
   }

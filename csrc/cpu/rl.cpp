@@ -36,8 +36,7 @@ inline acc_t select_kept(acc_t v, uint8_t keep) {
 // vectorized passes (sum, then squared deviations); blocks combine with
 // moments_merge.
 template <typename scalar_t, typename acc_t>
-Moments<acc_t> block_moments(const scalar_t* __restrict x, const uint8_t* __restrict mask, int64_t begin,
-                             int64_t end) {
+Moments<acc_t> block_moments(const scalar_t* __restrict x, const uint8_t* __restrict mask, int64_t begin, int64_t end) {
   acc_t count = 0, sum = 0;
   // `omp simd reduction` lets the compiler reassociate the sums.
 #pragma omp simd reduction(+ : count, sum)
@@ -77,12 +76,13 @@ Tensor kl_penalty_forward_cpu(const Tensor& logprobs, const Tensor& ref_logprobs
   const int64_t n = out.numel();
   if (dtype == at::kFloat) {
     const auto& kernels = cpu::active_kl_kernels();
-    const float* a = lp.const_data_ptr<float>();
-    const float* b = ref.const_data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-      kernels.forward(a + begin, b + begin, o + begin, end - begin, static_cast<int>(estimator));
-    });
+    const KLForwardArgs args{.logprobs = lp.const_data_ptr<float>(),
+                             .ref_logprobs = ref.const_data_ptr<float>(),
+                             .elem_type = ElemType::kFloat,
+                             .n = n,
+                             .estimator = static_cast<KLEstimator>(estimator),
+                             .out = out.data_ptr<float>()};
+    at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
   } else {
     const auto est = static_cast<KLEstimator>(estimator);
     const double* a = lp.const_data_ptr<double>();
@@ -106,13 +106,14 @@ std::tuple<Tensor, Tensor> kl_penalty_backward_cpu(const Tensor& grad, const Ten
   const int64_t n = grad_lp.numel();
   if (dtype == at::kFloat) {
     const auto& kernels = cpu::active_kl_kernels();
-    const float* gp = g.const_data_ptr<float>();
-    const float* a = lp.const_data_ptr<float>();
-    const float* b = ref.const_data_ptr<float>();
-    float* o = grad_lp.data_ptr<float>();
-    at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) {
-      kernels.backward(gp + begin, a + begin, b + begin, o + begin, end - begin, static_cast<int>(estimator));
-    });
+    const KLBackwardArgs args{.grad = g.const_data_ptr<float>(),
+                              .logprobs = lp.const_data_ptr<float>(),
+                              .ref_logprobs = ref.const_data_ptr<float>(),
+                              .elem_type = ElemType::kFloat,
+                              .n = n,
+                              .estimator = static_cast<KLEstimator>(estimator),
+                              .grad_logprobs = grad_lp.data_ptr<float>()};
+    at::parallel_for(0, n, kElementGrain, [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
   } else {
     const auto est = static_cast<KLEstimator>(estimator);
     const double* gp = g.const_data_ptr<double>();
@@ -180,8 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_moments_cpu(const Tensor& x, const Ten
   return {count, mean, m2};
 }
 
-std::tuple<Tensor, Tensor, Tensor> masked_whiten_cpu(const Tensor& x, const Tensor& mask, bool shift_mean,
-                                                     double eps) {
+std::tuple<Tensor, Tensor, Tensor> masked_whiten_cpu(const Tensor& x, const Tensor& mask, bool shift_mean, double eps) {
   check_floating(x, "x");
   check_same_shape(x, "x", mask, "mask");
   TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);

@@ -1,62 +1,103 @@
-// Kernel launchers of the CUDA ops: raw pointers and a stream, so the .cu
-// files include no ATen header and compile in seconds. ops_cuda.cpp turns
-// tensors into these calls.
+// Kernel launchers of the CUDA ops: an argument struct of raw pointers (those
+// of aligner/kernel_args.h, which the CPU kernels take too, and the CUDA-only
+// ones below) and a stream, so the .cu files include no ATen header and
+// compile in seconds. ops_cuda.cpp and linear_ops_cuda.cpp fill the structs
+// from tensors.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "aligner/kernel_args.h"
+
 namespace aligner::cuda {
 
-enum class ElemType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2, kDouble = 3 };
+void launch_logprob_forward(const LogprobForwardArgs& args, cudaStream_t stream);
+void launch_logprob_backward(const LogprobBackwardArgs& args, cudaStream_t stream);
 
-// Per-row forward over logits [rows, vocab]; out pointers may be null except
-// lse. Outputs are float (double for kDouble).
-void launch_logprob_forward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
-                            int64_t ignore_index, double inv_temperature, void* logprobs, void* entropy, void* lse,
-                            cudaStream_t stream);
-
-// grad_logits [rows, vocab] in the logits' type; per-row inputs are float
-// (double for kDouble); grad_logprobs/grad_entropy/entropy/labels may be null.
-void launch_logprob_backward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
-                             int64_t ignore_index, double inv_temperature, const void* lse, const void* entropy,
-                             const void* grad_logprobs, const void* grad_entropy, void* grad_logits,
-                             cudaStream_t stream);
-
-// The LM head's per-row log-softmax statistics from hidden [rows, hidden_size]
-// and weight [vocab, hidden_size] (both bf16 or fp16, hidden_size % 8 == 0,
-// 16-byte aligned) without the logits: outputs float [rows]; entropy may be
-// null. A label outside [0, vocab) that is not ignore_index gives a NaN
-// log-prob. workspace holds linear_logprob_workspace_floats(rows, vocab) floats.
+// The LM head's per-row log-softmax statistics from hidden and weight without
+// the logits. A label outside [0, vocab) that is not ignore_index gives a NaN
+// log-prob.
+struct LinearLogprobForwardArgs {
+  const void* hidden;  // [rows, hidden_size], elem_type kBFloat16 or kHalf, 16-byte aligned
+  const void* weight;  // [vocab, hidden_size], elem_type, 16-byte aligned
+  ElemType elem_type;
+  int64_t rows;
+  int64_t hidden_size;  // a multiple of 8
+  int64_t vocab;
+  const int64_t* labels;  // [rows]
+  int64_t ignore_index;
+  double inv_temperature;
+  float* workspace;  // linear_logprob_workspace_floats(rows, vocab) floats
+  float* logprobs;   // [rows]
+  float* entropy;    // [rows] or nullptr
+  float* lse;        // [rows]
+};
 int64_t linear_logprob_workspace_floats(int64_t rows, int64_t vocab);
-void launch_linear_logprob_forward(const void* hidden, const void* weight, ElemType type, int64_t rows,
-                                   int64_t hidden_size, int64_t vocab, const int64_t* labels, int64_t ignore_index,
-                                   double inv_temperature, float* workspace, float* logprobs, float* entropy,
-                                   float* lse, cudaStream_t stream);
+void launch_linear_logprob_forward(const LinearLogprobForwardArgs& args, cudaStream_t stream);
 
-// Elementwise over n values of float (or double when is_double).
-void launch_kl_forward(const void* logprobs, const void* ref_logprobs, int64_t n, int estimator, bool is_double,
-                       void* out, cudaStream_t stream);
-void launch_kl_backward(const void* grad, const void* logprobs, const void* ref_logprobs, int64_t n, int estimator,
-                        bool is_double, void* grad_logprobs, cudaStream_t stream);
+void launch_kl_forward(const KLForwardArgs& args, cudaStream_t stream);
+void launch_kl_backward(const KLBackwardArgs& args, cudaStream_t stream);
 
-// x [rows, cols] float/double, mask [rows, cols] bool; outputs [rows].
-void launch_masked_moments(const void* x, const bool* mask, int64_t rows, int64_t cols, bool is_double, void* count,
-                           void* mean, void* m2, cudaStream_t stream);
+// The RL ops' data (everything but the masks) is of elem_type kFloat or
+// kDouble.
+
+struct MaskedMomentsArgs {
+  const void* x;     // [rows, cols]
+  const bool* mask;  // [rows, cols]
+  ElemType elem_type;
+  int64_t rows;
+  int64_t cols;
+  void* count;  // [rows]
+  void* mean;   // [rows]
+  void* m2;     // [rows]
+};
+void launch_masked_moments(const MaskedMomentsArgs& args, cudaStream_t stream);
 
 // out = (x - mean) * rstd (+ mean unless shift_mean) where mask, else 0, with
 // mean and rstd from the device scalars count/mean/m2 (no host sync); writes rstd.
-void launch_masked_whiten(const void* x, const bool* mask, int64_t n, const void* count, const void* mean,
-                          const void* m2, bool shift_mean, double eps, bool is_double, void* out, void* rstd,
-                          cudaStream_t stream);
+struct MaskedWhitenArgs {
+  const void* x;     // [n]
+  const bool* mask;  // [n]
+  ElemType elem_type;
+  int64_t n;
+  const void* count;
+  const void* mean;
+  const void* m2;
+  bool shift_mean;
+  double eps;
+  void* out;   // [n]
+  void* rstd;  // scalar
+};
+void launch_masked_whiten(const MaskedWhitenArgs& args, cudaStream_t stream);
 
-void launch_gae(const void* rewards, const void* values, const bool* mask, int64_t batch, int64_t time,
-                double gamma, double lam, bool carry_forward, bool is_double, void* advantages, void* returns,
-                cudaStream_t stream);
+struct GaeArgs {
+  const void* rewards;  // [batch, time]
+  const void* values;   // [batch, time]
+  const bool* mask;     // [batch, time]
+  ElemType elem_type;
+  int64_t batch;
+  int64_t time;
+  double gamma;
+  double lam;
+  bool carry_forward;
+  void* advantages;  // [batch, time]
+  void* returns;     // [batch, time]
+};
+void launch_gae(const GaeArgs& args, cudaStream_t stream);
 
-void launch_group_advantages(const void* rewards, const bool* valid, int64_t groups, int64_t group_size,
-                             bool leave_one_out, bool scale_by_std, double eps, bool is_double, void* out,
-                             cudaStream_t stream);
+struct GroupAdvantagesArgs {
+  const void* rewards;  // [groups, group_size]
+  const bool* valid;    // [groups, group_size] or nullptr
+  ElemType elem_type;
+  int64_t groups;
+  int64_t group_size;
+  bool leave_one_out;
+  bool scale_by_std;
+  double eps;
+  void* out;  // [groups, group_size]
+};
+void launch_group_advantages(const GroupAdvantagesArgs& args, cudaStream_t stream);
 
 }  // namespace aligner::cuda

@@ -298,32 +298,31 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 template <typename T, typename MmaOp>
-void forward_typed(const void* hidden, const void* weight, int64_t rows, int64_t hidden_size, int64_t vocab,
-                   const int64_t* labels, int64_t ignore_index, float inv_t, float* workspace, float* logprobs,
-                   float* entropy, float* lse, cudaStream_t stream) {
+void forward_typed(const LinearLogprobForwardArgs& a, cudaStream_t stream) {
   using Config = TileConfig<T, MmaOp>;
   const auto tile_kernel = linear_logprob_tile_kernel<Config>;
   constexpr int kSmemBytes = sizeof(typename Config::SharedStorage);
   check_cuda(cudaFuncSetAttribute(tile_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
              "cudaFuncSetAttribute(linear_logprob_tile_kernel)");
-  const int64_t tiles = vocab_tiles(vocab);
-  const int64_t chunk = chunk_rows(rows, vocab);
-  float* target = workspace;                                    // [rows]
-  auto* partials = reinterpret_cast<Stats*>(workspace + rows);  // [tiles, chunk]
+  const int64_t tiles = vocab_tiles(a.vocab);
+  const int64_t chunk = chunk_rows(a.rows, a.vocab);
+  float* target = a.workspace;                                      // [rows]
+  auto* partials = reinterpret_cast<Stats*>(a.workspace + a.rows);  // [tiles, chunk]
   // All bits set is a NaN: what a row keeps if no tile holds its label.
-  check_cuda(cudaMemsetAsync(target, 0xFF, rows * sizeof(float), stream), "cudaMemsetAsync(target)");
-  const auto* h = static_cast<const T*>(hidden);
-  const auto* w = static_cast<const T*>(weight);
-  for (int64_t start = 0; start < rows; start += chunk) {
-    const int n = static_cast<int>(std::min(chunk, rows - start));
+  check_cuda(cudaMemsetAsync(target, 0xFF, a.rows * sizeof(float), stream), "cudaMemsetAsync(target)");
+  const auto* h = static_cast<const T*>(a.hidden);
+  const auto* w = static_cast<const T*>(a.weight);
+  const float inv_t = static_cast<float>(a.inv_temperature);
+  for (int64_t start = 0; start < a.rows; start += chunk) {
+    const int n = static_cast<int>(std::min(chunk, a.rows - start));
     const dim3 grid(static_cast<unsigned>((n + kTileM - 1) / kTileM), static_cast<unsigned>(tiles));
-    tile_kernel<<<grid, kThreads, kSmemBytes, stream>>>(h + start * hidden_size, w, n, static_cast<int>(hidden_size),
-                                                        static_cast<int>(vocab), labels + start, inv_t, partials,
-                                                        target + start);
+    tile_kernel<<<grid, kThreads, kSmemBytes, stream>>>(h + start * a.hidden_size, w, n,
+                                                        static_cast<int>(a.hidden_size), static_cast<int>(a.vocab),
+                                                        a.labels + start, inv_t, partials, target + start);
     check_launch("linear_logprob_tile_kernel");
     linear_logprob_finalize_kernel<<<(n + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0, stream>>>(
-        partials, static_cast<int>(tiles), n, target + start, labels + start, ignore_index, logprobs + start,
-        entropy != nullptr ? entropy + start : nullptr, lse + start);
+        partials, static_cast<int>(tiles), n, target + start, a.labels + start, a.ignore_index, a.logprobs + start,
+        a.entropy != nullptr ? a.entropy + start : nullptr, a.lse + start);
     check_launch("linear_logprob_finalize_kernel");
   }
 }
@@ -334,25 +333,17 @@ int64_t linear_logprob_workspace_floats(int64_t rows, int64_t vocab) {
   return rows + chunk_rows(rows, vocab) * vocab_tiles(vocab) * int64_t(sizeof(Stats) / sizeof(float));
 }
 
-void launch_linear_logprob_forward(const void* hidden, const void* weight, ElemType type, int64_t rows,
-                                   int64_t hidden_size, int64_t vocab, const int64_t* labels, int64_t ignore_index,
-                                   double inv_temperature, float* workspace, float* logprobs, float* entropy,
-                                   float* lse, cudaStream_t stream) {
-  if (rows == 0) return;
-  if (hidden_size > INT32_MAX || vocab_tiles(vocab) > kMaxVocabTiles) {
+void launch_linear_logprob_forward(const LinearLogprobForwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return;
+  if (args.hidden_size > INT32_MAX || vocab_tiles(args.vocab) > kMaxVocabTiles) {
     throw std::invalid_argument("aligner: linear_logprob_forward supports hidden_size < 2^31 and vocab <= " +
                                 std::to_string(kMaxVocabTiles * kTileN));
   }
-  const float inv_t = static_cast<float>(inv_temperature);
-  switch (type) {
+  switch (args.elem_type) {
     case ElemType::kBFloat16:
-      return forward_typed<cute::bfloat16_t, cute::SM80_16x8x16_F32BF16BF16F32_TN>(
-          hidden, weight, rows, hidden_size, vocab, labels, ignore_index, inv_t, workspace, logprobs, entropy, lse,
-          stream);
+      return forward_typed<cute::bfloat16_t, cute::SM80_16x8x16_F32BF16BF16F32_TN>(args, stream);
     case ElemType::kHalf:
-      return forward_typed<cute::half_t, cute::SM80_16x8x16_F32F16F16F32_TN>(hidden, weight, rows, hidden_size, vocab,
-                                                                             labels, ignore_index, inv_t, workspace,
-                                                                             logprobs, entropy, lse, stream);
+      return forward_typed<cute::half_t, cute::SM80_16x8x16_F32F16F16F32_TN>(args, stream);
     default:
       throw std::invalid_argument("aligner: linear_logprob_forward supports bfloat16 and float16 only");
   }

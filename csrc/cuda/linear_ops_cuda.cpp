@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "checks.h"
 #include "launch.h"
 #include "ops.h"
 
@@ -56,12 +57,20 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_forward_cuda(const Tensor& hi
   const Tensor w = aligned_contiguous(weight);
   const Tensor y = labels.contiguous();
   Tensor workspace = at::empty({cuda::linear_logprob_workspace_floats(rows, vocab)}, opts);
-  cuda::launch_linear_logprob_forward(
-      h.const_data_ptr(), w.const_data_ptr(),
-      h.scalar_type() == at::kBFloat16 ? cuda::ElemType::kBFloat16 : cuda::ElemType::kHalf, rows, hidden_size, vocab,
-      y.const_data_ptr<int64_t>(), ignore_index, 1.0 / temperature, workspace.data_ptr<float>(),
-      logprobs.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
-      at::cuda::getCurrentCUDAStream().stream());
+  cuda::launch_linear_logprob_forward({.hidden = h.const_data_ptr(),
+                                       .weight = w.const_data_ptr(),
+                                       .elem_type = elem_type_of(h.scalar_type()),
+                                       .rows = rows,
+                                       .hidden_size = hidden_size,
+                                       .vocab = vocab,
+                                       .labels = y.const_data_ptr<int64_t>(),
+                                       .ignore_index = ignore_index,
+                                       .inv_temperature = 1.0 / temperature,
+                                       .workspace = workspace.data_ptr<float>(),
+                                       .logprobs = logprobs.data_ptr<float>(),
+                                       .entropy = with_entropy ? entropy.data_ptr<float>() : nullptr,
+                                       .lse = lse.data_ptr<float>()},
+                                      at::cuda::getCurrentCUDAStream().stream());
   return {logprobs, entropy, lse};
 }
 

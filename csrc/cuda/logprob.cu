@@ -49,8 +49,8 @@ __device__ __forceinline__ SoftmaxStats<acc_t> block_merge(SoftmaxStats<acc_t> s
 template <typename T, typename acc_t, int VEC, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
     logprob_forward_kernel(const T* __restrict__ logits, int64_t vocab, const int64_t* __restrict__ labels,
-                           int64_t ignore_index, acc_t inv_t, acc_t* __restrict__ logprobs,
-                           acc_t* __restrict__ entropy, acc_t* __restrict__ lse_out) {
+                           int64_t ignore_index, acc_t inv_t, acc_t* __restrict__ logprobs, acc_t* __restrict__ entropy,
+                           acc_t* __restrict__ lse_out) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * vocab;
   SoftmaxStats<acc_t> st = softmax_stats_empty<acc_t>();
@@ -143,15 +143,18 @@ int pack_width(const void* base, int64_t vocab) {
 }
 
 template <typename T, typename acc_t>
-void forward_typed(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels, int64_t ignore_index,
-                   acc_t inv_t, acc_t* logprobs, acc_t* entropy, acc_t* lse, cudaStream_t stream) {
+void forward_typed(const LogprobForwardArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const auto* x = static_cast<const T*>(logits);
-  const dim3 grid(static_cast<unsigned>(rows));
-  const bool packed = pack_width<T>(logits, vocab) == kVec;
-#define ALIGNER_LAUNCH_FWD(VEC, ENT)                                                                           \
-  logprob_forward_kernel<T, acc_t, VEC, ENT>                                                                   \
-      <<<grid, kThreads, 0, stream>>>(x, vocab, labels, ignore_index, inv_t, logprobs, entropy, lse)
+  const auto* x = static_cast<const T*>(a.logits);
+  const auto inv_t = static_cast<acc_t>(a.inv_temperature);
+  auto* logprobs = static_cast<acc_t*>(a.logprobs);
+  auto* entropy = static_cast<acc_t*>(a.entropy);
+  auto* lse = static_cast<acc_t*>(a.lse);
+  const dim3 grid(static_cast<unsigned>(a.rows));
+  const bool packed = pack_width<T>(a.logits, a.vocab) == kVec;
+#define ALIGNER_LAUNCH_FWD(VEC, ENT)         \
+  logprob_forward_kernel<T, acc_t, VEC, ENT> \
+      <<<grid, kThreads, 0, stream>>>(x, a.vocab, a.labels, a.ignore_index, inv_t, logprobs, entropy, lse)
   if (packed && entropy != nullptr) {
     ALIGNER_LAUNCH_FWD(kVec, true);
   } else if (packed) {
@@ -166,74 +169,54 @@ void forward_typed(const void* logits, int64_t rows, int64_t vocab, const int64_
 }
 
 template <typename T, typename acc_t>
-void backward_typed(const void* logits, int64_t rows, int64_t vocab, const int64_t* labels, int64_t ignore_index,
-                    acc_t inv_t, const acc_t* lse, const acc_t* entropy, const acc_t* grad_logprobs,
-                    const acc_t* grad_entropy, void* grad, cudaStream_t stream) {
+void backward_typed(const LogprobBackwardArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const auto* x = static_cast<const T*>(logits);
-  auto* g = static_cast<T*>(grad);
-  const dim3 grid(static_cast<unsigned>(rows));
+  const auto* x = static_cast<const T*>(a.logits);
+  const auto inv_t = static_cast<acc_t>(a.inv_temperature);
+  const auto* lse = static_cast<const acc_t*>(a.lse);
+  const auto* entropy = static_cast<const acc_t*>(a.entropy);
+  const auto* grad_logprobs = static_cast<const acc_t*>(a.grad_logprobs);
+  const auto* grad_entropy = static_cast<const acc_t*>(a.grad_entropy);
+  auto* g = static_cast<T*>(a.grad_logits);
+  const dim3 grid(static_cast<unsigned>(a.rows));
   // grad is freshly allocated (aligned); the logits decide.
-  if (pack_width<T>(logits, vocab) == kVec && pack_width<T>(grad, vocab) == kVec) {
+  if (pack_width<T>(a.logits, a.vocab) == kVec && pack_width<T>(a.grad_logits, a.vocab) == kVec) {
     logprob_backward_kernel<T, acc_t, kVec><<<grid, kThreads, 0, stream>>>(
-        x, vocab, labels, ignore_index, inv_t, lse, entropy, grad_logprobs, grad_entropy, g);
+        x, a.vocab, a.labels, a.ignore_index, inv_t, lse, entropy, grad_logprobs, grad_entropy, g);
   } else {
-    logprob_backward_kernel<T, acc_t, 1><<<grid, kThreads, 0, stream>>>(x, vocab, labels, ignore_index, inv_t, lse,
-                                                                         entropy, grad_logprobs, grad_entropy, g);
+    logprob_backward_kernel<T, acc_t, 1><<<grid, kThreads, 0, stream>>>(x, a.vocab, a.labels, a.ignore_index, inv_t,
+                                                                        lse, entropy, grad_logprobs, grad_entropy, g);
   }
   check_launch("logprob_backward_kernel");
 }
 
 }  // namespace
 
-void launch_logprob_forward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
-                            int64_t ignore_index, double inv_temperature, void* logprobs, void* entropy, void* lse,
-                            cudaStream_t stream) {
-  if (rows == 0) return;
-  const float inv_t = static_cast<float>(inv_temperature);
-  auto* lp = static_cast<float*>(logprobs);
-  auto* ent = static_cast<float*>(entropy);
-  auto* l = static_cast<float*>(lse);
-  switch (type) {
+void launch_logprob_forward(const LogprobForwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return;
+  switch (args.elem_type) {
     case ElemType::kFloat:
-      return forward_typed<float, float>(logits, rows, vocab, labels, ignore_index, inv_t, lp, ent, l, stream);
+      return forward_typed<float, float>(args, stream);
     case ElemType::kBFloat16:
-      return forward_typed<__nv_bfloat16, float>(logits, rows, vocab, labels, ignore_index, inv_t, lp, ent, l,
-                                                 stream);
+      return forward_typed<__nv_bfloat16, float>(args, stream);
     case ElemType::kHalf:
-      return forward_typed<__half, float>(logits, rows, vocab, labels, ignore_index, inv_t, lp, ent, l, stream);
+      return forward_typed<__half, float>(args, stream);
     case ElemType::kDouble:
-      return forward_typed<double, double>(logits, rows, vocab, labels, ignore_index, inv_temperature,
-                                           static_cast<double*>(logprobs), static_cast<double*>(entropy),
-                                           static_cast<double*>(lse), stream);
+      return forward_typed<double, double>(args, stream);
   }
 }
 
-void launch_logprob_backward(const void* logits, ElemType type, int64_t rows, int64_t vocab, const int64_t* labels,
-                             int64_t ignore_index, double inv_temperature, const void* lse, const void* entropy,
-                             const void* grad_logprobs, const void* grad_entropy, void* grad_logits,
-                             cudaStream_t stream) {
-  if (rows == 0) return;
-  const float inv_t = static_cast<float>(inv_temperature);
-  const auto* l = static_cast<const float*>(lse);
-  const auto* h = static_cast<const float*>(entropy);
-  const auto* glp = static_cast<const float*>(grad_logprobs);
-  const auto* gent = static_cast<const float*>(grad_entropy);
-  switch (type) {
+void launch_logprob_backward(const LogprobBackwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return;
+  switch (args.elem_type) {
     case ElemType::kFloat:
-      return backward_typed<float, float>(logits, rows, vocab, labels, ignore_index, inv_t, l, h, glp, gent,
-                                          grad_logits, stream);
+      return backward_typed<float, float>(args, stream);
     case ElemType::kBFloat16:
-      return backward_typed<__nv_bfloat16, float>(logits, rows, vocab, labels, ignore_index, inv_t, l, h, glp, gent,
-                                                  grad_logits, stream);
+      return backward_typed<__nv_bfloat16, float>(args, stream);
     case ElemType::kHalf:
-      return backward_typed<__half, float>(logits, rows, vocab, labels, ignore_index, inv_t, l, h, glp, gent,
-                                           grad_logits, stream);
+      return backward_typed<__half, float>(args, stream);
     case ElemType::kDouble:
-      return backward_typed<double, double>(
-          logits, rows, vocab, labels, ignore_index, inv_temperature, static_cast<const double*>(lse),
-          static_cast<const double*>(entropy), static_cast<const double*>(grad_logprobs),
-          static_cast<const double*>(grad_entropy), grad_logits, stream);
+      return backward_typed<double, double>(args, stream);
   }
 }
 

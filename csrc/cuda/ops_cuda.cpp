@@ -14,21 +14,6 @@
 namespace aligner {
 namespace {
 
-cuda::ElemType elem_type_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::ElemType::kFloat;
-    case at::kBFloat16:
-      return cuda::ElemType::kBFloat16;
-    case at::kHalf:
-      return cuda::ElemType::kHalf;
-    case at::kDouble:
-      return cuda::ElemType::kDouble;
-    default:
-      TORCH_CHECK_TYPE(false, "logits dtype ", t, " is not supported (use float32, bfloat16, float16 or float64)");
-  }
-}
-
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
@@ -45,10 +30,17 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_entropy_forward_cuda(const Tensor& l
   Tensor lse = at::empty(shape, opts);
   Tensor logprobs = with_logprobs ? at::empty(shape, opts) : at::empty({0}, opts);
   Tensor entropy = with_entropy ? at::empty(shape, opts) : at::empty({0}, opts);
-  cuda::launch_logprob_forward(in.logits.const_data_ptr(), elem_type_of(in.logits.scalar_type()), in.rows, in.vocab,
-                               with_logprobs ? in.labels.const_data_ptr<int64_t>() : nullptr, ignore_index,
-                               1.0 / temperature, with_logprobs ? logprobs.data_ptr() : nullptr,
-                               with_entropy ? entropy.data_ptr() : nullptr, lse.data_ptr(), stream());
+  cuda::launch_logprob_forward({.logits = in.logits.const_data_ptr(),
+                                .elem_type = elem_type_of(in.logits.scalar_type()),
+                                .rows = in.rows,
+                                .vocab = in.vocab,
+                                .labels = with_logprobs ? in.labels.const_data_ptr<int64_t>() : nullptr,
+                                .ignore_index = ignore_index,
+                                .inv_temperature = 1.0 / temperature,
+                                .logprobs = with_logprobs ? logprobs.data_ptr() : nullptr,
+                                .entropy = with_entropy ? entropy.data_ptr() : nullptr,
+                                .lse = lse.data_ptr()},
+                               stream());
   return {logprobs, entropy, lse};
 }
 
@@ -70,10 +62,19 @@ Tensor logprobs_entropy_backward_cuda(const OptTensor& grad_logprobs, const OptT
   const Tensor saved_lse = flat(lse);
   const Tensor saved_ent = with_ent ? flat(entropy) : Tensor();
   Tensor grad = at::empty_like(in.logits);
-  cuda::launch_logprob_backward(in.logits.const_data_ptr(), elem_type_of(in.logits.scalar_type()), in.rows, in.vocab,
-                                with_lp ? flat_labels.const_data_ptr<int64_t>() : nullptr, ignore_index,
-                                1.0 / temperature, saved_lse.const_data_ptr(), ptr_or_null(saved_ent),
-                                ptr_or_null(g_lp), ptr_or_null(g_ent), grad.data_ptr(), stream());
+  cuda::launch_logprob_backward({.logits = in.logits.const_data_ptr(),
+                                 .elem_type = elem_type_of(in.logits.scalar_type()),
+                                 .rows = in.rows,
+                                 .vocab = in.vocab,
+                                 .labels = with_lp ? flat_labels.const_data_ptr<int64_t>() : nullptr,
+                                 .ignore_index = ignore_index,
+                                 .inv_temperature = 1.0 / temperature,
+                                 .lse = saved_lse.const_data_ptr(),
+                                 .entropy = ptr_or_null(saved_ent),
+                                 .grad_logprobs = ptr_or_null(g_lp),
+                                 .grad_entropy = ptr_or_null(g_ent),
+                                 .grad_logits = grad.data_ptr()},
+                                stream());
   return grad.view(logits.sizes());
 }
 
@@ -87,8 +88,13 @@ Tensor kl_penalty_forward_cuda(const Tensor& logprobs, const Tensor& ref_logprob
   const Tensor a = logprobs.to(dtype).contiguous();
   const Tensor b = ref_logprobs.to(dtype).contiguous();
   Tensor out = at::empty(logprobs.sizes(), logprobs.options().dtype(dtype));
-  cuda::launch_kl_forward(a.const_data_ptr(), b.const_data_ptr(), out.numel(), static_cast<int>(estimator),
-                          dtype == at::kDouble, out.data_ptr(), stream());
+  cuda::launch_kl_forward({.logprobs = a.const_data_ptr(),
+                           .ref_logprobs = b.const_data_ptr(),
+                           .elem_type = elem_type_of(dtype),
+                           .n = out.numel(),
+                           .estimator = static_cast<KLEstimator>(estimator),
+                           .out = out.data_ptr()},
+                          stream());
   return out;
 }
 
@@ -101,8 +107,14 @@ std::tuple<Tensor, Tensor> kl_penalty_backward_cuda(const Tensor& grad, const Te
   const Tensor a = logprobs.to(dtype).contiguous();
   const Tensor b = ref_logprobs.to(dtype).contiguous();
   Tensor grad_lp = at::empty(logprobs.sizes(), logprobs.options().dtype(dtype));
-  cuda::launch_kl_backward(g.const_data_ptr(), a.const_data_ptr(), b.const_data_ptr(), grad_lp.numel(),
-                           static_cast<int>(estimator), dtype == at::kDouble, grad_lp.data_ptr(), stream());
+  cuda::launch_kl_backward({.grad = g.const_data_ptr(),
+                            .logprobs = a.const_data_ptr(),
+                            .ref_logprobs = b.const_data_ptr(),
+                            .elem_type = elem_type_of(dtype),
+                            .n = grad_lp.numel(),
+                            .estimator = static_cast<KLEstimator>(estimator),
+                            .grad_logprobs = grad_lp.data_ptr()},
+                           stream());
   return {grad_lp.to(logprobs.scalar_type()), grad_lp.neg().to(ref_logprobs.scalar_type())};
 }
 
@@ -120,8 +132,15 @@ std::tuple<Tensor, Tensor, Tensor> masked_moments_cuda(const Tensor& x, const Te
   if (R == 0) return {count, mean, m2};
   const Tensor xs = x.reshape({R, C}).to(dtype).contiguous();
   const Tensor ms = as_bool_mask(mask.reshape({R, C}));
-  cuda::launch_masked_moments(xs.const_data_ptr(), ms.const_data_ptr<bool>(), R, C, dtype == at::kDouble,
-                              count.data_ptr(), mean.data_ptr(), m2.data_ptr(), stream());
+  cuda::launch_masked_moments({.x = xs.const_data_ptr(),
+                               .mask = ms.const_data_ptr<bool>(),
+                               .elem_type = elem_type_of(dtype),
+                               .rows = R,
+                               .cols = C,
+                               .count = count.data_ptr(),
+                               .mean = mean.data_ptr(),
+                               .m2 = m2.data_ptr()},
+                              stream());
   return {count, mean, m2};
 }
 
@@ -138,9 +157,18 @@ std::tuple<Tensor, Tensor, Tensor> masked_whiten_cuda(const Tensor& x, const Ten
   Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
   Tensor rstd = at::empty({}, x.options().dtype(dtype));
   if (xs.numel() > 0) {
-    cuda::launch_masked_whiten(xs.const_data_ptr(), ms.const_data_ptr<bool>(), xs.numel(), count.const_data_ptr(),
-                               mean.const_data_ptr(), m2.const_data_ptr(), shift_mean, eps, dtype == at::kDouble,
-                               out.data_ptr(), rstd.data_ptr(), stream());
+    cuda::launch_masked_whiten({.x = xs.const_data_ptr(),
+                                .mask = ms.const_data_ptr<bool>(),
+                                .elem_type = elem_type_of(dtype),
+                                .n = xs.numel(),
+                                .count = count.const_data_ptr(),
+                                .mean = mean.const_data_ptr(),
+                                .m2 = m2.const_data_ptr(),
+                                .shift_mean = shift_mean,
+                                .eps = eps,
+                                .out = out.data_ptr(),
+                                .rstd = rstd.data_ptr()},
+                               stream());
   } else {
     rstd.fill_(1.0 / std::sqrt(eps));
   }
@@ -157,8 +185,17 @@ std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
   const Tensor m = as_bool_mask(mask);
   Tensor adv = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
   Tensor ret = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
-  cuda::launch_gae(r.const_data_ptr(), v.const_data_ptr(), m.const_data_ptr<bool>(), rewards.size(0),
-                   rewards.size(1), gamma, lam, carry_forward, dtype == at::kDouble, adv.data_ptr(), ret.data_ptr(),
+  cuda::launch_gae({.rewards = r.const_data_ptr(),
+                    .values = v.const_data_ptr(),
+                    .mask = m.const_data_ptr<bool>(),
+                    .elem_type = elem_type_of(dtype),
+                    .batch = rewards.size(0),
+                    .time = rewards.size(1),
+                    .gamma = gamma,
+                    .lam = lam,
+                    .carry_forward = carry_forward,
+                    .advantages = adv.data_ptr(),
+                    .returns = ret.data_ptr()},
                    stream());
   return {adv, ret};
 }
@@ -171,9 +208,16 @@ Tensor group_advantages_cuda(const Tensor& rewards, const OptTensor& valid, int6
   const Tensor r = rewards.to(dtype).contiguous();
   const Tensor v = valid.has_value() ? as_bool_mask(*valid) : Tensor();
   Tensor out = at::empty(rewards.sizes(), rewards.options().dtype(dtype));
-  cuda::launch_group_advantages(r.const_data_ptr(), v.defined() ? v.const_data_ptr<bool>() : nullptr,
-                                rewards.numel() / group_size, group_size, leave_one_out, scale_by_std, eps,
-                                dtype == at::kDouble, out.data_ptr(), stream());
+  cuda::launch_group_advantages({.rewards = r.const_data_ptr(),
+                                 .valid = v.defined() ? v.const_data_ptr<bool>() : nullptr,
+                                 .elem_type = elem_type_of(dtype),
+                                 .groups = rewards.numel() / group_size,
+                                 .group_size = group_size,
+                                 .leave_one_out = leave_one_out,
+                                 .scale_by_std = scale_by_std,
+                                 .eps = eps,
+                                 .out = out.data_ptr()},
+                                stream());
   return out;
 }
 

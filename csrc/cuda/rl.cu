@@ -13,8 +13,8 @@ constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename acc_t>
-__global__ void kl_forward_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n,
-                                  KLEstimator est, acc_t* __restrict__ out) {
+__global__ void kl_forward_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n, KLEstimator est,
+                                  acc_t* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     out[i] = kl_value<acc_t>(a[i] - b[i], est);
   }
@@ -32,8 +32,7 @@ template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> warp_merge(Moments<acc_t> s) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    const Moments<acc_t> other{__shfl_xor_sync(kFullMask, s.count, offset),
-                               __shfl_xor_sync(kFullMask, s.mean, offset),
+    const Moments<acc_t> other{__shfl_xor_sync(kFullMask, s.count, offset), __shfl_xor_sync(kFullMask, s.mean, offset),
                                __shfl_xor_sync(kFullMask, s.m2, offset)};
     s = moments_merge(s, other);
   }
@@ -105,111 +104,93 @@ __global__ void group_advantages_kernel(const acc_t* __restrict__ rewards, const
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= groups) return;
   const int64_t off = g * group_size;
-  group_advantages_one<acc_t, acc_t>(rewards + off, valid != nullptr ? valid + off : nullptr, group_size,
-                                     leave_one_out, scale_by_std, eps, out + off);
+  group_advantages_one<acc_t, acc_t>(rewards + off, valid != nullptr ? valid + off : nullptr, group_size, leave_one_out,
+                                     scale_by_std, eps, out + off);
+}
+
+// Calls f(acc_t()) with acc_t the type of the RL ops' data: double for
+// ElemType::kDouble, else float.
+template <typename F>
+void with_acc_type(ElemType type, F&& f) {
+  if (type == ElemType::kDouble) {
+    f(double());
+  } else {
+    f(float());
+  }
 }
 
 }  // namespace
 
-void launch_kl_forward(const void* logprobs, const void* ref_logprobs, int64_t n, int estimator, bool is_double,
-                       void* out, cudaStream_t stream) {
-  if (n == 0) return;
-  const auto est = static_cast<KLEstimator>(estimator);
-  if (is_double) {
-    kl_forward_kernel<double><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        static_cast<const double*>(logprobs), static_cast<const double*>(ref_logprobs), n, est,
-        static_cast<double*>(out));
-  } else {
-    kl_forward_kernel<float><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        static_cast<const float*>(logprobs), static_cast<const float*>(ref_logprobs), n, est,
-        static_cast<float*>(out));
-  }
+void launch_kl_forward(const KLForwardArgs& args, cudaStream_t stream) {
+  if (args.n == 0) return;
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    kl_forward_kernel<acc_t><<<blocks_for(args.n, kThreads), kThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.logprobs), static_cast<const acc_t*>(args.ref_logprobs), args.n, args.estimator,
+        static_cast<acc_t*>(args.out));
+  });
   check_launch("kl_forward_kernel");
 }
 
-void launch_kl_backward(const void* grad, const void* logprobs, const void* ref_logprobs, int64_t n, int estimator,
-                        bool is_double, void* grad_logprobs, cudaStream_t stream) {
-  if (n == 0) return;
-  const auto est = static_cast<KLEstimator>(estimator);
-  if (is_double) {
-    kl_backward_kernel<double><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        static_cast<const double*>(grad), static_cast<const double*>(logprobs),
-        static_cast<const double*>(ref_logprobs), n, est, static_cast<double*>(grad_logprobs));
-  } else {
-    kl_backward_kernel<float><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
-        static_cast<const float*>(grad), static_cast<const float*>(logprobs), static_cast<const float*>(ref_logprobs),
-        n, est, static_cast<float*>(grad_logprobs));
-  }
+void launch_kl_backward(const KLBackwardArgs& args, cudaStream_t stream) {
+  if (args.n == 0) return;
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    kl_backward_kernel<acc_t><<<blocks_for(args.n, kThreads), kThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.grad), static_cast<const acc_t*>(args.logprobs),
+        static_cast<const acc_t*>(args.ref_logprobs), args.n, args.estimator, static_cast<acc_t*>(args.grad_logprobs));
+  });
   check_launch("kl_backward_kernel");
 }
 
-void launch_masked_moments(const void* x, const bool* mask, int64_t rows, int64_t cols, bool is_double, void* count,
-                           void* mean, void* m2, cudaStream_t stream) {
-  if (rows == 0) return;
-  const dim3 grid(static_cast<unsigned>(rows));
-  if (is_double) {
-    masked_moments_kernel<double><<<grid, kThreads, 0, stream>>>(static_cast<const double*>(x), mask, cols,
-                                                                 static_cast<double*>(count),
-                                                                 static_cast<double*>(mean), static_cast<double*>(m2));
-  } else {
-    masked_moments_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x), mask, cols,
-                                                                static_cast<float*>(count), static_cast<float*>(mean),
-                                                                static_cast<float*>(m2));
-  }
+void launch_masked_moments(const MaskedMomentsArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(args.rows));
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    masked_moments_kernel<acc_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.x), args.mask, args.cols, static_cast<acc_t*>(args.count),
+        static_cast<acc_t*>(args.mean), static_cast<acc_t*>(args.m2));
+  });
   check_launch("masked_moments_kernel");
 }
 
-void launch_masked_whiten(const void* x, const bool* mask, int64_t n, const void* count, const void* mean,
-                          const void* m2, bool shift_mean, double eps, bool is_double, void* out, void* rstd,
-                          cudaStream_t stream) {
-  const unsigned blocks = blocks_for(n, kThreads);
-  if (is_double) {
-    masked_whiten_kernel<double><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const double*>(x), mask, n, static_cast<const double*>(count), static_cast<const double*>(mean),
-        static_cast<const double*>(m2), shift_mean, eps, static_cast<double*>(out), static_cast<double*>(rstd));
-  } else {
-    masked_whiten_kernel<float><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const float*>(x), mask, n, static_cast<const float*>(count), static_cast<const float*>(mean),
-        static_cast<const float*>(m2), shift_mean, static_cast<float>(eps), static_cast<float*>(out),
-        static_cast<float*>(rstd));
-  }
+void launch_masked_whiten(const MaskedWhitenArgs& args, cudaStream_t stream) {
+  const unsigned blocks = blocks_for(args.n, kThreads);
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    masked_whiten_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.x), args.mask, args.n, static_cast<const acc_t*>(args.count),
+        static_cast<const acc_t*>(args.mean), static_cast<const acc_t*>(args.m2), args.shift_mean,
+        static_cast<acc_t>(args.eps), static_cast<acc_t*>(args.out), static_cast<acc_t*>(args.rstd));
+  });
   check_launch("masked_whiten_kernel");
 }
 
-void launch_gae(const void* rewards, const void* values, const bool* mask, int64_t batch, int64_t time,
-                double gamma, double lam, bool carry_forward, bool is_double, void* advantages, void* returns,
-                cudaStream_t stream) {
-  if (batch == 0 || time == 0) return;
+void launch_gae(const GaeArgs& args, cudaStream_t stream) {
+  if (args.batch == 0 || args.time == 0) return;
   constexpr int kGaeThreads = 128;
-  const unsigned blocks = static_cast<unsigned>((batch + kGaeThreads - 1) / kGaeThreads);
-  if (is_double) {
-    gae_kernel<double><<<blocks, kGaeThreads, 0, stream>>>(
-        static_cast<const double*>(rewards), static_cast<const double*>(values), mask, batch, time, gamma, lam,
-        carry_forward, static_cast<double*>(advantages), static_cast<double*>(returns));
-  } else {
-    gae_kernel<float><<<blocks, kGaeThreads, 0, stream>>>(
-        static_cast<const float*>(rewards), static_cast<const float*>(values), mask, batch, time,
-        static_cast<float>(gamma), static_cast<float>(lam), carry_forward, static_cast<float*>(advantages),
-        static_cast<float*>(returns));
-  }
+  const unsigned blocks = static_cast<unsigned>((args.batch + kGaeThreads - 1) / kGaeThreads);
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    gae_kernel<acc_t><<<blocks, kGaeThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.rewards), static_cast<const acc_t*>(args.values), args.mask, args.batch,
+        args.time, static_cast<acc_t>(args.gamma), static_cast<acc_t>(args.lam), args.carry_forward,
+        static_cast<acc_t*>(args.advantages), static_cast<acc_t*>(args.returns));
+  });
   check_launch("gae_kernel");
 }
 
-void launch_group_advantages(const void* rewards, const bool* valid, int64_t groups, int64_t group_size,
-                             bool leave_one_out, bool scale_by_std, double eps, bool is_double, void* out,
-                             cudaStream_t stream) {
-  if (groups == 0) return;
+void launch_group_advantages(const GroupAdvantagesArgs& args, cudaStream_t stream) {
+  if (args.groups == 0) return;
   constexpr int kGroupThreads = 128;
-  const unsigned blocks = static_cast<unsigned>((groups + kGroupThreads - 1) / kGroupThreads);
-  if (is_double) {
-    group_advantages_kernel<double><<<blocks, kGroupThreads, 0, stream>>>(
-        static_cast<const double*>(rewards), valid, groups, group_size, leave_one_out, scale_by_std, eps,
-        static_cast<double*>(out));
-  } else {
-    group_advantages_kernel<float><<<blocks, kGroupThreads, 0, stream>>>(
-        static_cast<const float*>(rewards), valid, groups, group_size, leave_one_out, scale_by_std,
-        static_cast<float>(eps), static_cast<float*>(out));
-  }
+  const unsigned blocks = static_cast<unsigned>((args.groups + kGroupThreads - 1) / kGroupThreads);
+  with_acc_type(args.elem_type, [&](auto zero) {
+    using acc_t = decltype(zero);
+    group_advantages_kernel<acc_t><<<blocks, kGroupThreads, 0, stream>>>(
+        static_cast<const acc_t*>(args.rewards), args.valid, args.groups, args.group_size, args.leave_one_out,
+        args.scale_by_std, static_cast<acc_t>(args.eps), static_cast<acc_t*>(args.out));
+  });
   check_launch("group_advantages_kernel");
 }
 

@@ -74,8 +74,7 @@ ALIGNER_HOST_DEVICE Moments<acc_t> moments_merge(Moments<acc_t> a, Moments<acc_t
 // Outputs (advantages, returns = A + V) are 0 at masked positions.
 template <typename in_t, typename mask_t, typename acc_t, typename out_t>
 ALIGNER_HOST_DEVICE void gae_sequence(const in_t* rewards, const in_t* values, const mask_t* mask, int64_t T,
-                                      acc_t gamma, acc_t lam, bool carry_forward, out_t* advantages,
-                                      out_t* returns) {
+                                      acc_t gamma, acc_t lam, bool carry_forward, out_t* advantages, out_t* returns) {
   acc_t next_value = acc_t(0);
   acc_t next_adv = acc_t(0);
   const acc_t decay = gamma * lam;
@@ -104,8 +103,8 @@ ALIGNER_HOST_DEVICE void gae_sequence(const in_t* rewards, const in_t* values, c
 // (sum - r_i) / (n - 1), where a group with n <= 1 gets zero advantage.
 // Invalid samples get 0.
 template <typename in_t, typename acc_t>
-ALIGNER_HOST_DEVICE void group_advantages_one(const in_t* rewards, const bool* valid, int64_t G,
-                                              bool leave_one_out, bool scale_by_std, acc_t eps, acc_t* out) {
+ALIGNER_HOST_DEVICE void group_advantages_one(const in_t* rewards, const bool* valid, int64_t G, bool leave_one_out,
+                                              bool scale_by_std, acc_t eps, acc_t* out) {
   acc_t n = acc_t(0);
   acc_t sum = acc_t(0);
   for (int64_t i = 0; i < G; ++i) {
