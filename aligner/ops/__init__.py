@@ -7,10 +7,11 @@ float64 pure-torch references the tests compare against are in
 """
 
 from aligner.ops.linear import linear_token_logprobs
-from aligner.ops.logprob import token_entropy, token_logprobs, token_logprobs_and_entropy
+from aligner.ops.logprob import IGNORE_INDEX, token_entropy, token_logprobs, token_logprobs_and_entropy
 from aligner.ops.rl import gae, group_advantages, kl_penalty, masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "IGNORE_INDEX",
     "gae",
     "group_advantages",
     "kl_penalty",

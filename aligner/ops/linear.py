@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import aligner._C
-from aligner.ops.logprob import _backward, _forward, check_labels_in_vocab
+from aligner.ops.logprob import IGNORE_INDEX, check_labels_in_vocab, logprobs_backward, logprobs_forward
 
 # Rows per chunk: enough that one chunk of float32 logits (rows x V x 4 bytes)
 # takes about DEFAULT_CHUNK_BYTES, but never fewer than MIN_CHUNK_ROWS. Below a
@@ -100,8 +100,14 @@ def default_chunk_size(vocab: int) -> int:
     return max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
-def check_linear_args(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None) -> None:
-    """Shape, dtype and device checks shared by the single-rank and vocab-parallel linear heads."""
+def check_linear_args(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None, *, allow_empty_vocab: bool = False
+) -> None:
+    """Shape, dtype and device checks shared by the single-rank and vocab-parallel linear heads.
+
+    ``allow_empty_vocab``: accept a ``[0, H]`` weight (a vocab-parallel shard that holds only
+    padding rows, sliced off); a single-rank head needs at least one row.
+    """
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
@@ -125,7 +131,7 @@ def check_linear_args(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and not allow_empty_vocab:
         raise ValueError("weight must have at least one vocabulary row")
 
 
@@ -165,6 +171,9 @@ def linear_backward_chunks(
     and each chunk's ``[V, H]`` partial is rounded before the float32 sum: a float32
     product would run on the far slower float32 units, and PyTorch's fp32-output
     half-precision GEMM is not available in every release we support.
+
+    A ``[0, H]`` weight (an empty vocab-parallel shard) has no logits: ``grad_of_logits`` is
+    never called, ``grad_hidden`` is zero and ``grad_weight`` is ``[0, H]``.
     """
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
     grad_weight = None
@@ -173,6 +182,10 @@ def linear_backward_chunks(
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device)
     if not (need_hidden or need_weight):
         return None, None
+    if weight.shape[0] == 0:  # no columns, no logits: the kernel needs at least one
+        if grad_hidden is not None:
+            grad_hidden.zero_()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
     for rows in row_chunks(hidden.shape[0], chunk_size):
         grad_logits = grad_of_logits(rows, F.linear(hidden[rows], weight))  # [chunk, V], in the logits' dtype
         if grad_hidden is not None:
@@ -202,7 +215,7 @@ def _chunked_forward(hidden, weight, labels, temperature, ignore_index, chunk_si
     gather_index = torch.where(ignored, 0, labels).unsqueeze(-1)
     for chunk in row_chunks(rows, chunk_size):
         logits = F.linear(hidden[chunk], weight)  # [chunk, V]
-        _, ent, chunk_lse = _forward(logits, None, temperature, ignore_index, False, with_entropy)
+        _, ent, chunk_lse = logprobs_forward(logits, None, temperature, ignore_index, False, with_entropy)
         label_logit = logits.gather(-1, gather_index[chunk]).squeeze(-1).to(out_dtype)
         del logits  # before the next chunk's logits exist
         logprobs[chunk] = label_logit * (1.0 / temperature) - chunk_lse
@@ -241,7 +254,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
 
         def grad_of_logits(rows: slice, logits: Tensor) -> Tensor:
-            return _backward(
+            return logprobs_backward(
                 None if grad_logprobs is None else grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 logits,
@@ -264,7 +277,7 @@ def linear_token_logprobs(
     labels: Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     return_entropy: bool = False,
     impl: Literal["auto", "cutlass", "chunked"] = "auto",

@@ -21,8 +21,29 @@ from torch import Tensor
 
 import aligner._C  # noqa: F401  (registers torch.ops.aligner)
 
-_forward = torch.ops.aligner.logprobs_entropy_forward.default
-_backward = torch.ops.aligner.logprobs_entropy_backward.default
+# The label of a position that is not scored: its log-prob is 0 and it gets no gradient. The batch
+# contract (aligner.data.collate) marks untrained positions with it.
+IGNORE_INDEX = -100
+
+logprobs_forward = torch.ops.aligner.logprobs_entropy_forward.default
+"""``(logits, labels, temperature, ignore_index, with_logprobs, with_entropy) -> (logprobs, entropy, lse)``.
+
+The forward op itself, for code that builds its own autograd on the per-row statistics (the
+chunked and vocab-parallel heads: :mod:`aligner.ops.linear`, :mod:`aligner.parallel.vocab_parallel`).
+Per row of ``[..., V]`` logits: ``log_softmax(logits / T)[label]`` (``[0]``-shaped unless
+``with_logprobs``; ``labels`` may then be ``None``), the entropy (``[0]``-shaped unless
+``with_entropy``) and the log-sum-exp of ``logits / T``; float32 (float64 for float64 logits).
+Differentiable (its autograd is registered below; ``lse`` is not). ``V`` must be at least 1.
+"""
+
+logprobs_backward = torch.ops.aligner.logprobs_entropy_backward.default
+"""``(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index) -> grad_logits``.
+
+The backward op: ``d loss / d logits`` (the logits' dtype and shape) recomputed from the
+logits and the per-row statistics :data:`logprobs_forward` returned (``lse``, and ``entropy``
+when ``grad_entropy`` is given; either upstream gradient may be ``None``). It does not
+range-check labels: see the module docstring for what an out-of-range label gives.
+"""
 
 
 def _out_dtype(logits: Tensor) -> torch.dtype:
@@ -61,7 +82,9 @@ def _backward_fn(ctx, grad_logprobs, grad_entropy, grad_lse):
     grad_entropy = grad_entropy if ctx.with_entropy else None
     if grad_logprobs is None and grad_entropy is None:
         return torch.zeros_like(logits), None, None, None, None, None
-    grad = _backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+    grad = logprobs_backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+    )
     return grad, None, None, None, None, None
 
 
@@ -110,7 +133,9 @@ def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
         )
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+def token_logprobs(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Log-probability of each label: ``log_softmax(logits / T, -1)[..., label]``.
 
     Args:
@@ -129,7 +154,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, 
         IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
     """
     _check_labels(logits, labels, ignore_index)
-    logprobs, _, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, False)
+    logprobs, _, _ = logprobs_forward(logits, labels, float(temperature), int(ignore_index), True, False)
     return logprobs
 
 
@@ -139,12 +164,12 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     Zero-probability entries (``-inf`` logits) contribute 0. Returns ``[...]`` float32
     (float64 for float64 logits); differentiable w.r.t. ``logits``.
     """
-    _, entropy, _ = _forward(logits, None, float(temperature), -100, False, True)
+    _, entropy, _ = logprobs_forward(logits, None, float(temperature), IGNORE_INDEX, False, True)
     return entropy
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
 ) -> tuple[Tensor, Tensor]:
     """``(token_logprobs(...), token_entropy(...))`` from a single pass over the logits.
 
@@ -153,5 +178,5 @@ def token_logprobs_and_entropy(
     Raises as :func:`token_logprobs`.
     """
     _check_labels(logits, labels, ignore_index)
-    logprobs, entropy, _ = _forward(logits, labels, float(temperature), int(ignore_index), True, True)
+    logprobs, entropy, _ = logprobs_forward(logits, labels, float(temperature), int(ignore_index), True, True)
     return logprobs, entropy

@@ -3,9 +3,11 @@
 Layout (Megatron's): rank ``r`` of ``group`` holds vocabulary columns
 ``[r * Vs, (r + 1) * Vs)`` of the logits (or of the output-layer weight), so the
 global vocabulary is ``V = Vs * world_size``; padding the vocabulary to a
-multiple of the group size is the caller's business. Labels are global token
-ids and are the same on every rank. No rank ever holds more than its ``[N, Vs]``
-shard.
+multiple of the group size is the caller's business. The LM-head variant also
+takes uneven shards (each rank's first global id and the global size), so that
+a padded vocabulary's padding rows can be sliced off, down to a rank with no row
+at all. Labels are global token ids and are the same on every rank. No rank ever
+holds more than its ``[N, Vs]`` shard.
 
 How ranks combine (one collective per forward, none per backward)
 ------------------------------------------------------------------
@@ -65,7 +67,7 @@ from aligner.ops.linear import (
     linear_backward_chunks,
     row_chunks,
 )
-from aligner.ops.logprob import _backward, _forward, check_labels_in_vocab
+from aligner.ops.logprob import IGNORE_INDEX, check_labels_in_vocab, logprobs_backward, logprobs_forward
 
 # Labels as this rank's kernel sees them: a local column in [0, Vs) when the
 # rank owns the label, Vs (which matches no column) when another rank does,
@@ -105,12 +107,17 @@ def _local_labels(
     labels: Tensor,
     rows_shape: torch.Size,
     device: torch.device,
-    rank: int,
+    vocab_start: int,
     shard_vocab: int,
-    world: int,
+    vocab_size: int,
+    vocab_source: str,
     ignore_index: int,
 ) -> Tensor:
-    """Validate global ``labels`` and map them to this rank's kernel labels (see _LOCAL_IGNORE): ``[N]`` int64."""
+    """Validate global ``labels`` and map them to this rank's kernel labels (see _LOCAL_IGNORE): ``[N]`` int64.
+
+    This rank holds global ids ``[vocab_start, vocab_start + shard_vocab)``; labels must lie in
+    ``[0, vocab_size)`` (``vocab_source`` says where that bound comes from) or be ``ignore_index``.
+    """
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     if labels.device != device:
@@ -118,11 +125,14 @@ def _local_labels(
     if labels.shape != rows_shape:
         raise ValueError(f"labels must have shape {tuple(rows_shape)} (the logits' rows), got {tuple(labels.shape)}")
     flat = labels.reshape(-1).long()
-    vocab_source = f"the global vocabulary: {shard_vocab} columns per rank x {world} ranks"
-    check_labels_in_vocab(flat, shard_vocab * world, ignore_index, vocab_source)
-    local = flat - rank * shard_vocab
+    check_labels_in_vocab(flat, vocab_size, ignore_index, vocab_source)
+    local = flat - vocab_start
     local = torch.where((local < 0) | (local >= shard_vocab), shard_vocab, local)
     return torch.where(flat == ignore_index, _LOCAL_IGNORE, local)
+
+
+def _equal_shards_source(shard_vocab: int, world: int) -> str:
+    return f"the global vocabulary: {shard_vocab} columns per rank x {world} ranks"
 
 
 def _stats_width(with_logprobs: bool, with_entropy: bool) -> int:
@@ -133,7 +143,7 @@ def _fill_shard_stats(
     stats: Tensor, logits: Tensor, local_labels: Tensor | None, temperature: float, with_entropy: bool
 ) -> None:
     """Write ``[lse_r, (H_r), (owned z_label)]`` of the ``[rows, Vs]`` shard ``logits`` into ``stats`` ``[rows, k]``."""
-    _, entropy, lse = _forward(logits, None, temperature, _LOCAL_IGNORE, False, with_entropy)
+    _, entropy, lse = logprobs_forward(logits, None, temperature, _LOCAL_IGNORE, False, with_entropy)
     stats[:, 0] = lse
     if with_entropy:
         stats[:, 1] = entropy
@@ -144,6 +154,16 @@ def _fill_shard_stats(
         # Scaled as the kernel scales (by the reciprocal), so one rank and W ranks agree.
         scaled = picked.to(stats.dtype) * (1.0 / temperature)
         stats[:, -1] = torch.where(owned, scaled, 0.0)
+
+
+def _fill_empty_shard_stats(stats: Tensor) -> None:
+    """The statistics of a shard without columns: ``lse_r = -inf`` (no mass), ``H_r = 0``, no label logit.
+
+    :func:`_combine_across_ranks` gives such a shard weight ``exp(-inf - lse) = 0``: it adds
+    nothing to the log-sum-exp, and its entropy term is zeroed like that of any shard without mass.
+    """
+    stats.zero_()
+    stats[:, 0] = float("-inf")
 
 
 def _combine_across_ranks(
@@ -205,7 +225,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         grad_entropy = grad_entropy if ctx.with_entropy else None
         if grad_logprobs is None and grad_entropy is None:
             return None, None, None, None, None, None
-        grad = _backward(
+        grad = logprobs_backward(
             grad_logprobs,
             grad_entropy,
             logits_shard.reshape(-1, logits_shard.shape[-1]),
@@ -232,8 +252,16 @@ def _vocab_parallel(
     rows_shape = logits_shard.shape[:-1]
     local_labels = None
     if labels is not None:
+        shard_vocab = logits_shard.shape[-1]
         local_labels = _local_labels(
-            labels, rows_shape, logits_shard.device, rank, logits_shard.shape[-1], world, ignore_index
+            labels,
+            rows_shape,
+            logits_shard.device,
+            rank * shard_vocab,
+            shard_vocab,
+            shard_vocab * world,
+            _equal_shards_source(shard_vocab, world),
+            ignore_index,
         )
     logprobs, entropy = _VocabParallelLogprobsEntropy.apply(
         logits_shard, local_labels, group, world, float(temperature), with_entropy
@@ -250,7 +278,7 @@ def vocab_parallel_token_logprobs(
     group: dist.ProcessGroup | None = None,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """``token_logprobs`` of the full-vocabulary logits, given this rank's vocabulary shard.
 
@@ -288,7 +316,7 @@ def vocab_parallel_entropy(
     differentiable w.r.t. ``logits_shard``. One ``all_gather`` of 2 floats per token.
     Raises as :func:`vocab_parallel_token_logprobs`.
     """
-    _, entropy = _vocab_parallel(logits_shard, None, group, temperature, -100, True)
+    _, entropy = _vocab_parallel(logits_shard, None, group, temperature, IGNORE_INDEX, True)
     return entropy
 
 
@@ -298,7 +326,7 @@ def vocab_parallel_token_logprobs_and_entropy(
     group: dist.ProcessGroup | None = None,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
     """``(vocab_parallel_token_logprobs(...), vocab_parallel_entropy(...))`` from one kernel pass and one collective.
 
@@ -314,10 +342,13 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         ctx, hidden, weight_shard, local_labels, group, world, temperature, chunk_size, with_entropy, reduce_grad
     ):
         stats = hidden.new_empty((hidden.shape[0], _stats_width(True, with_entropy)), dtype=_stats_dtype(hidden.dtype))
-        for rows in row_chunks(hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[rows], weight_shard)  # [chunk, Vs]
-            _fill_shard_stats(stats[rows], logits, local_labels[rows], temperature, with_entropy)
-            del logits  # before the next chunk's logits exist
+        if weight_shard.shape[0] == 0:  # only padding rows here: no logits, no mass
+            _fill_empty_shard_stats(stats)
+        else:
+            for rows in row_chunks(hidden.shape[0], chunk_size):
+                logits = F.linear(hidden[rows], weight_shard)  # [chunk, Vs]
+                _fill_shard_stats(stats[rows], logits, local_labels[rows], temperature, with_entropy)
+                del logits  # before the next chunk's logits exist
         logprobs, entropy, lse = _combine_across_ranks(stats, group, world, local_labels, with_entropy)
         ctx.save_for_backward(hidden, weight_shard, local_labels, lse, entropy)
         ctx.group, ctx.world = group, world
@@ -337,7 +368,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
             return (None,) * 9
 
         def grad_of_logits(rows: slice, logits: Tensor) -> Tensor:
-            return _backward(
+            return logprobs_backward(
                 None if grad_logprobs is None else grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 logits,
@@ -364,10 +395,12 @@ def vocab_parallel_linear_token_logprobs(
     group: dist.ProcessGroup | None = None,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     return_entropy: bool = False,
     all_reduce_grad_hidden: bool = True,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Full-vocabulary log-probs (and entropy) of ``hidden @ weight.T`` from this rank's output-layer shard.
 
@@ -377,10 +410,19 @@ def vocab_parallel_linear_token_logprobs(
     so no rank holds more than one ``[chunk, Vs]`` block of logits; the ranks
     combine with one ``all_gather`` of 2 (3 with entropy) floats per token.
 
+    Uneven shards: with ``vocab_start`` and ``vocab_size``, this rank holds global ids
+    ``[vocab_start, vocab_start + Vs)`` and the ranks' ranges together cover ``[0, vocab_size)``
+    once (the caller's contract; it is not checked across ranks). That is how Megatron's padded
+    vocabulary is dropped without masking: each rank passes the real rows of its padded shard
+    (``weight[: max(0, min(Vs_padded, vocab_size - rank * Vs_padded))]``, a view, so padding rows
+    get a zero gradient) with ``vocab_start = rank * Vs_padded``. A rank may then hold no rows
+    at all (``[0, H]``): it contributes no probability mass (log-sum-exp ``-inf``), still joins
+    the collectives, and gets a zero gradient for ``hidden``'s share and an empty one for its weight.
+
     Args:
         hidden: ``[..., H]`` hidden states, the same on every rank (gather a
             sequence-parallel input first).
-        weight_shard: ``[Vs, H]``, dtype of ``hidden``.
+        weight_shard: ``[Vs, H]``, dtype of ``hidden``; ``Vs`` may be 0 when ``vocab_size`` is given.
         labels: ``[...]`` global token ids or ``ignore_index``, the same on every rank.
         group: the tensor-parallel process group (``None``: the default group).
         temperature, ignore_index, chunk_size, return_entropy: as in ``linear_token_logprobs``.
@@ -389,6 +431,9 @@ def vocab_parallel_linear_token_logprobs(
             on every rank. Set ``False`` when ``hidden`` comes out of a region whose
             backward already reduces it (Megatron's ``copy_to_tensor_model_parallel_region``
             or sequence-parallel gather).
+        vocab_start: the global id of ``weight_shard``'s row 0; ``None``: ``rank * Vs`` (equal shards).
+        vocab_size: the global vocabulary size labels are checked against; ``None``:
+            ``Vs * world_size`` (equal shards).
 
     Returns:
         ``[...]`` float32 log-probs (float64 for float64 inputs), or ``(logprobs, entropy)``;
@@ -397,13 +442,31 @@ def vocab_parallel_linear_token_logprobs(
     Raises:
         RuntimeError: torch.distributed is not initialized.
         TypeError / ValueError / IndexError: as :func:`aligner.ops.linear_token_logprobs`,
-            with the label range checked against the global vocabulary ``Vs * world_size``.
+            with the label range checked against the global vocabulary (``vocab_size``, else
+            ``Vs * world_size``); ValueError for a ``vocab_start`` / ``vocab_size`` that does not
+            contain this rank's rows, or an empty ``weight_shard`` without ``vocab_size``.
     """
-    check_linear_args(hidden, weight_shard, labels, chunk_size)
+    check_linear_args(hidden, weight_shard, labels, chunk_size, allow_empty_vocab=vocab_size is not None)
     check_temperature(temperature)
     rank, world = _group_rank_and_size(group)
     shard_vocab = weight_shard.shape[0]
-    local_labels = _local_labels(labels, hidden.shape[:-1], hidden.device, rank, shard_vocab, world, ignore_index)
+    if vocab_start is None:
+        vocab_start = rank * shard_vocab
+    if vocab_size is None:
+        vocab_size = shard_vocab * world
+        vocab_source = _equal_shards_source(shard_vocab, world)
+    else:
+        vocab_source = "vocab_size"
+    if not (isinstance(vocab_start, int) and isinstance(vocab_size, int)):
+        raise TypeError(f"vocab_start and vocab_size must be ints, got {vocab_start!r} and {vocab_size!r}")
+    if vocab_start < 0 or vocab_size < 1 or (shard_vocab > 0 and vocab_start + shard_vocab > vocab_size):
+        raise ValueError(
+            f"this rank's rows [vocab_start, vocab_start + weight_shard.shape[0]) = [{vocab_start}, "
+            f"{vocab_start + shard_vocab}) must lie in [0, vocab_size) = [0, {vocab_size})"
+        )
+    local_labels = _local_labels(
+        labels, hidden.shape[:-1], hidden.device, vocab_start, shard_vocab, vocab_size, vocab_source, ignore_index
+    )
     chunk = chunk_size if chunk_size is not None else default_chunk_size(shard_vocab)
     logprobs, entropy = _VocabParallelLinearLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]),

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from aligner import ops
-from aligner.ops.linear import DEFAULT_CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_size, linear_token_logprobs
+from aligner.ops.linear import (
+    DEFAULT_CHUNK_BYTES,
+    MIN_CHUNK_ROWS,
+    default_chunk_size,
+    linear_backward_chunks,
+    linear_token_logprobs,
+)
 
 HIDDEN = 16
 VOCAB = 53  # odd, so nothing lines up with the kernels' vector width
@@ -166,6 +172,26 @@ def test_zero_rows():
     assert logprobs.shape == entropy.shape == (0,)
     (logprobs.sum() + entropy.sum()).backward()
     assert hidden.grad.shape == hidden.shape
+
+
+def test_empty_weight():
+    """A [0, H] weight: the single-rank head refuses it (no distribution to normalize); the shared
+    backward helper, which an empty vocab-parallel shard reaches, returns zero / empty gradients
+    without forming any logits (the kernels need at least one column)."""
+    hidden = torch.randn(5, HIDDEN)
+    empty = torch.empty(0, HIDDEN)
+    with pytest.raises(ValueError, match="at least one vocabulary row"):
+        linear_token_logprobs(hidden, empty, torch.full((5,), IGNORE))
+
+    def no_logits(rows, logits):
+        raise AssertionError("grad_of_logits called for an empty weight")
+
+    grad_hidden, grad_weight = linear_backward_chunks(hidden, empty, 2, no_logits, True, True)
+    assert torch.equal(grad_hidden, torch.zeros_like(hidden))
+    assert grad_weight.shape == (0, HIDDEN) and grad_weight.dtype == empty.dtype
+    half = empty.to(torch.bfloat16)
+    _, grad_half = linear_backward_chunks(hidden.to(torch.bfloat16), half, 2, no_logits, False, True)
+    assert grad_half.shape == (0, HIDDEN) and grad_half.dtype == torch.bfloat16
 
 
 def test_default_chunk_is_a_byte_budget_with_a_row_floor():

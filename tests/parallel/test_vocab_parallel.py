@@ -75,6 +75,34 @@ def _linear_case(dtype, rows, chunk_size, temperature):
     }
 
 
+def _uneven_linear_case(vocab, rows, chunk_size, temperature):
+    """A real vocabulary of ``vocab`` ids in shards of SHARD_VOCAB padded rows, the padding sliced off.
+
+    Rank r holds the real rows ``[r * SHARD_VOCAB, min((r + 1) * SHARD_VOCAB, vocab))``: with
+    ``vocab <= SHARD_VOCAB`` rank 1 holds none (what megatron's padding to 128 * tp does to a small vocabulary).
+    """
+    hidden_size = 8
+    labels = torch.randint(0, vocab, (rows,))
+    labels[0], labels[1], labels[2] = 0, vocab - 1, -100
+    labels[3] = min(SHARD_VOCAB, vocab - 1)  # rank 1's first row when it has one
+    return {
+        "kind": "linear_uneven",
+        "vocab": vocab,
+        "hidden": torch.randn(rows, hidden_size),
+        "weight": torch.randn(vocab, hidden_size),
+        "labels": labels,
+        "temperature": temperature,
+        "chunk_size": chunk_size,
+        "grad_logprobs": torch.randn(rows),
+        "grad_entropy": 4 * torch.randn(rows),
+    }
+
+
+def _uneven_rows(vocab, rank):
+    start = rank * SHARD_VOCAB
+    return slice(start, max(start, min(start + SHARD_VOCAB, vocab)))
+
+
 CASES = {
     "fp32 T=0.7": lambda: _logits_case(torch.float32, 0.7, -100),
     "fp32 T=1 ignore_index inside the vocab": lambda: _logits_case(torch.float32, 1.0, SHARD_VOCAB + 2),
@@ -84,6 +112,8 @@ CASES = {
     "fp32 leading dims [2, 3, 4]": lambda: _logits_case(torch.float32, 1.0, -100, shape=(2, 3, 4)),
     "linear fp32 chunk 4 of 13": lambda: _linear_case(torch.float32, 13, 4, 0.9),
     "linear bf16 default chunk": lambda: _linear_case(torch.bfloat16, 9, None, 1.0),
+    "linear uneven: rank 1 has no real row": lambda: _uneven_linear_case(SHARD_VOCAB - 4, 13, 4, 0.8),
+    "linear uneven: rank 1 has 3 real rows": lambda: _uneven_linear_case(SHARD_VOCAB + 3, 9, None, 1.0),
 }
 
 
@@ -164,6 +194,27 @@ def _run_linear_case(case, rank, counter):
     return out
 
 
+def _run_uneven_linear_case(case, rank, counter):
+    hidden = case["hidden"].clone().requires_grad_()
+    weight_shard = case["weight"][_uneven_rows(case["vocab"], rank)].clone().requires_grad_()
+    logprobs, entropy = vocab_parallel_linear_token_logprobs(
+        hidden,
+        weight_shard,
+        case["labels"],
+        temperature=case["temperature"],
+        chunk_size=case["chunk_size"],
+        return_entropy=True,
+        vocab_start=rank * SHARD_VOCAB,
+        vocab_size=case["vocab"],
+    )
+    out = {"forward_calls": counter.take(), "shard_rows": weight_shard.shape[0]}
+    loss = (logprobs * case["grad_logprobs"]).sum() + (entropy * case["grad_entropy"]).sum()
+    out["grad_hidden"], out["grad_weight"] = torch.autograd.grad(loss, (hidden, weight_shard))
+    out["backward_calls"] = counter.take()
+    out["logprobs"], out["entropy"] = logprobs.detach(), entropy.detach()
+    return out
+
+
 def _run_bad_inputs(rank):
     """Each bad call must raise on every rank before any collective (else the other rank hangs)."""
     logits = torch.randn(4, SHARD_VOCAB)
@@ -178,6 +229,19 @@ def _run_bad_inputs(rank):
         "zero temperature": lambda: vocab_parallel_entropy(logits, temperature=0.0),
         "linear label beyond the global vocab": lambda: vocab_parallel_linear_token_logprobs(
             torch.randn(2, 3), torch.randn(SHARD_VOCAB, 3), torch.tensor([-1, 0])
+        ),
+        "linear label beyond vocab_size": lambda: vocab_parallel_linear_token_logprobs(
+            torch.randn(2, 3),
+            torch.randn(2, 3),
+            torch.tensor([0, SHARD_VOCAB + 2]),
+            vocab_start=rank * SHARD_VOCAB,
+            vocab_size=SHARD_VOCAB + 2,
+        ),
+        "linear rows beyond vocab_size": lambda: vocab_parallel_linear_token_logprobs(
+            torch.randn(2, 3), torch.randn(SHARD_VOCAB, 3), torch.tensor([0, 1]), vocab_start=1, vocab_size=SHARD_VOCAB
+        ),
+        "linear empty shard without vocab_size": lambda: vocab_parallel_linear_token_logprobs(
+            torch.randn(2, 3), torch.randn(0, 3), torch.tensor([0, 1])
         ),
     }
     for name, call in bad_calls.items():
@@ -229,9 +293,9 @@ def worker(cases):
     counter = _CollectiveCounter()
     try:
         results = {"compiled": compiled}
+        runs = {"logits": _run_logits_case, "linear": _run_linear_case, "linear_uneven": _run_uneven_linear_case}
         for name, case in cases.items():
-            run = _run_logits_case if case["kind"] == "logits" else _run_linear_case
-            results[name] = run(case, rank, counter)
+            results[name] = runs[case["kind"]](case, rank, counter)
         results["bad inputs"] = _run_bad_inputs(rank)
         return results
     finally:
@@ -305,7 +369,7 @@ def test_one_all_gather_forward_and_no_collective_backward(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("linear")])
+@pytest.mark.parametrize("name", [name for name in CASES if name.startswith(("linear fp32", "linear bf16"))])
 def test_linear_shard_matches_single_rank(two_ranks, name):
     cases, results = two_ranks
     case = cases[name]
@@ -332,6 +396,35 @@ def test_linear_shard_matches_single_rank(two_ranks, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("linear uneven")])
+def test_uneven_linear_shards_match_single_rank(two_ranks, name):
+    """Real rows only per rank, down to none: the values and gradients of the unsplit head, never NaN."""
+    cases, results = two_ranks
+    case = cases[name]
+    hidden = case["hidden"].clone().requires_grad_()
+    weight = case["weight"].clone().requires_grad_()
+    logprobs, entropy = linear_token_logprobs(
+        hidden, weight, case["labels"], temperature=case["temperature"], chunk_size=5, return_entropy=True
+    )
+    loss = (logprobs * case["grad_logprobs"]).sum() + (entropy * case["grad_entropy"]).sum()
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+    assert [result[name]["shard_rows"] for result in results] == [
+        _uneven_rows(case["vocab"], rank).stop - _uneven_rows(case["vocab"], rank).start for rank in range(WORLD)
+    ]
+    for rank, result in enumerate(results):
+        got = result[name]
+        for key in ("logprobs", "entropy", "grad_hidden", "grad_weight"):
+            assert torch.isfinite(got[key]).all(), (rank, key)
+        _assert_close(got["logprobs"], logprobs.detach(), torch.float32)
+        _assert_close(got["entropy"], entropy.detach(), torch.float32)
+        _assert_close(got["grad_hidden"], grad_hidden, torch.float32)
+        _assert_close(got["grad_weight"], grad_weight[_uneven_rows(case["vocab"], rank)], torch.float32)
+        # A rank without rows still joins both collectives.
+        assert got["forward_calls"] == ["all_gather_single"] and got["backward_calls"] == ["all_reduce"]
+    assert torch.equal(results[0][name]["logprobs"], results[1][name]["logprobs"])
+
+
+@pytest.mark.slow
 def test_bad_inputs_raise_on_every_rank(two_ranks):
     _, results = two_ranks
     expected = {
@@ -341,6 +434,9 @@ def test_bad_inputs_raise_on_every_rank(two_ranks):
         "integer logits": ("TypeError", "logits_shard must be a floating-point"),
         "zero temperature": ("ValueError", "temperature"),
         "linear label beyond the global vocab": ("IndexError", "value -1 at flat position 0"),
+        "linear label beyond vocab_size": ("IndexError", f"value {SHARD_VOCAB + 2} at flat position 1.*vocab_size"),
+        "linear rows beyond vocab_size": ("ValueError", f"\\[1, {SHARD_VOCAB + 1}\\) must lie in"),
+        "linear empty shard without vocab_size": ("ValueError", "at least one vocabulary row"),
     }
     for result in results:
         for name, (error_type, pattern) in expected.items():
