@@ -5,9 +5,16 @@ kernel under ``torch.ops.aligner``; the typed Python functions are in
 :mod:`aligner.ops`.
 """
 
-import torch  # noqa: F401  (the extension links against torch's libraries)
+# First, before torch and anything that imports megatron-core: megatron's Transformer Engine / Apex
+# fallback warnings (given at import) are dropped, in this process and in the ones the checkpoint
+# writer spawns (they re-import the main module, hence this package, first). Narrow filters only.
+from aligner.console import quiet_third_party_warnings
 
-from aligner import _C  # noqa: F401
+quiet_third_party_warnings()
+
+import torch  # noqa: E402, F401  (the extension links against torch's libraries)
+
+from aligner import _C  # noqa: E402, F401
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """Dataset records: read jsonl files, lists of dicts or Hugging Face datasets into small dataclasses.
 
-One record kind per training family (DESIGN.md section 6):
+One record kind per training family (README.md's "Training recipes" table says which recipe
+reads which):
 
 ============  =====================================================================
 kind          accepted fields

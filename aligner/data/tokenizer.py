@@ -89,21 +89,46 @@ def build_tokenizer(
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer folder with ``AutoTokenizer`` without touching the network.
+# A tokenizer folder holds one of these (a fast tokenizer's tokenizer.json, or a slow tokenizer's vocabulary).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_VOCABULARY_SUFFIXES = (".tiktoken", ".model")
 
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a local tokenizer folder with ``AutoTokenizer`` without touching the network.
+
+    ``path`` is a folder on disk (``~`` expanded), never a Hub repository id.
     A tokenizer without a pad token gets ``pad_token = eos_token`` (padding positions are never
     trained, so sharing the id is harmless).
 
     Raises:
-        ValueError: the tokenizer has no eos token (responses must end with one).
-        OSError: ``path`` holds no tokenizer.
+        FileNotFoundError: ``path`` does not exist, or the folder has no tokenizer files (the
+            message names the files expected).
+        NotADirectoryError: ``path`` is a file.
+        ValueError: the files are there but do not load (the message names the folder and
+            transformers' reason), or the tokenizer has no eos token (responses must end with one).
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"tokenizer path {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"tokenizer path {folder} is a file; give the folder that holds the tokenizer files")
+    names = {entry.name for entry in folder.iterdir()}
+    if not any(name in VOCABULARY_FILES or name.endswith(_VOCABULARY_SUFFIXES) for name in names):
+        found = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+        raise FileNotFoundError(
+            f"tokenizer path {folder} has no tokenizer files (found: {found}); expected tokenizer.json "
+            "and tokenizer_config.json (a Hugging Face fast tokenizer, as save_pretrained writes it), or a "
+            "slow tokenizer's vocabulary (tokenizer.model, vocab.json + merges.txt or vocab.txt)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the tokenizer in {folder}: {error}") from error
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer in {path} has no eos_token; set one in its tokenizer_config.json")
+        raise ValueError(f"the tokenizer in {folder} has no eos_token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

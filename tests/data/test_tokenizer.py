@@ -98,3 +98,39 @@ def test_load_requires_eos(tmp_path: Path):
 def test_load_never_downloads(tmp_path: Path):
     with pytest.raises(OSError):
         load_tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_missing_path_says_it_does_not_exist(tmp_path: Path, monkeypatch, relative: bool):
+    monkeypatch.chdir(tmp_path)
+    path = Path("runs/tok") if relative else tmp_path / "x" / "y"
+    with pytest.raises(FileNotFoundError) as raised:
+        load_tokenizer(path)
+    assert str(raised.value) == f"tokenizer path {path} does not exist"  # not a Hub repo id complaint
+
+
+def test_file_instead_of_folder(tmp_path: Path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match="is a file; give the folder"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("files", [(), ("tokenizer_config.json", "config.json")])
+def test_folder_without_tokenizer_files_names_what_is_expected(tmp_path: Path, files: tuple[str, ...]):
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(FileNotFoundError) as raised:
+        load_tokenizer(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"tokenizer path {tmp_path} has no tokenizer files")
+    assert f"(found: {', '.join(sorted(files)) or 'nothing'})" in message
+    for expected in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"):
+        assert expected in message
+
+
+def test_unreadable_tokenizer_names_the_folder(tmp_path: Path, tokenizer_dir: Path):
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"cannot load the tokenizer in {tmp_path}: "):
+        load_tokenizer(tmp_path)
