@@ -1,39 +1,113 @@
-"""The shared sections of a training run's configuration, and the YAML loader.
+"""A training run's configuration: one base (:class:`RunConfig`) and the YAML loader.
 
-A recipe's configuration is a dataclass that composes these sections with its
-own algorithm section and a :class:`~aligner.models.config.ModelConfig`::
+Every recipe's configuration is :class:`RunConfig` (model, data, parallel,
+trainer, optim, checkpoint, logging) plus only its own section::
 
     @dataclass
-    class SFTRunConfig:
-        model: ModelConfig
-        parallel: ParallelConfig = field(default_factory=ParallelConfig)
-        trainer: TrainerConfig = field(default_factory=TrainerConfig)
-        optim: OptimConfig = field(default_factory=OptimConfig)
-        checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-        logging: LoggingConfig = field(default_factory=LoggingConfig)
+    class DPORunConfig(RunConfig):
+        dpo: DPOConfig = field(default_factory=DPOConfig)
 
-    config = load_config(SFTRunConfig, "sft.yaml", ["optim.lr=2e-5", "trainer.max_steps=100"])
+    config = load_config(DPORunConfig, "dpo.yaml", ["optim.lr=2e-5", "trainer.max_steps=100"])
 
 :func:`load_config` merges the YAML file and then the ``key=value`` overrides
-onto the schema's defaults; an unknown key, a value of the wrong type or a
-missing required value is a :class:`ValueError` that names the key and where it
-came from.
+onto the schema's defaults; an unknown key, a value of the wrong type, a
+missing required value or a failed check is a :class:`ConfigError` (a
+``ValueError``) that names the key and where it came from.
+:func:`describe_keys` lists every key with its default and the one-line meaning
+taken from the ``Attributes:`` section of its dataclass's docstring (what
+``--help`` prints).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from aligner.console import CONFIG_ERROR_EXIT_CODE, UserError
+
 T = TypeVar("T")
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 WANDB_MODES = ("offline", "online", "disabled")
+OVER_LENGTH_POLICIES = ("truncate", "drop", "error")
+READERS = ("lines", "datasets")
+
+
+class ConfigError(UserError):
+    """A configuration a user wrote is wrong: the message names the key and its source (exit code 2)."""
+
+    exit_code = CONFIG_ERROR_EXIT_CODE
+
+
+@dataclass
+class ModelSourceConfig:
+    """Where a model's initial weights come from: exactly one of ``hf_path`` and ``config``.
+
+    Attributes:
+        hf_path: a local Hugging Face checkpoint folder (Llama / Mistral / Qwen2) to import.
+        config: the architecture (aligner.models.config.ModelConfig keys) of a model drawn at random from the
+            trainer's seed: tests and from-scratch runs.
+        params_dtype: weight dtype (float32, bfloat16, float16) overriding the checkpoint's or config's.
+    """
+
+    hf_path: str | None = None
+    config: dict[str, Any] | None = None
+    params_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hf_path is not None and self.config is not None:
+            raise ConfigError(
+                "model.hf_path and model.config are both set: set exactly one (hf_path imports a checkpoint, "
+                "config draws a random model)"
+            )
+
+    @property
+    def is_set(self) -> bool:
+        return self.hf_path is not None or self.config is not None
+
+
+@dataclass
+class DataConfig:
+    """The training and validation data and how it is tokenized.
+
+    Attributes:
+        train: training data: a jsonl file in one of the README's data formats (NeMo-Aligner / TRL names accepted).
+        val: validation data in the same format; null skips validation.
+        tokenizer: a local Hugging Face tokenizer folder (with a chat template); null uses model.hf_path's.
+        max_length: most tokens per sequence (prompt + response).
+        over_length: what to do with a longer example: truncate, drop or error.
+        group_by_length: batch examples of similar length together (less padding).
+        pad_to_multiple_of: round each batch's padded width up to this multiple; null pads to the longest row.
+        reader: lines (plain jsonl reader, errors name file:line) or datasets (Hugging Face load_dataset("json"),
+            memory-mapped for large files).
+    """
+
+    train: str = "???"
+    val: str | None = None
+    tokenizer: str | None = None
+    max_length: int = 1024
+    over_length: str = "truncate"
+    group_by_length: bool = True
+    pad_to_multiple_of: int | None = 8
+    reader: str = "lines"
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.over_length not in OVER_LENGTH_POLICIES:
+            raise ConfigError(f"data.over_length must be one of {OVER_LENGTH_POLICIES}, got {self.over_length!r}")
+        if self.reader not in READERS:
+            raise ConfigError(f"data.reader must be one of {READERS}, got {self.reader!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(f"data.pad_to_multiple_of must be >= 1 or null, got {self.pad_to_multiple_of}")
 
 
 @dataclass
@@ -51,7 +125,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -90,11 +164,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"optim.lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+            raise ConfigError(f"optim.lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
         if not 0.0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
-            raise ValueError("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
+            raise ConfigError("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
 
 
 @dataclass
@@ -129,18 +203,18 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError("trainer.global_batch_size and trainer.micro_batch_size must be >= 1")
+            raise ConfigError("trainer.global_batch_size and trainer.micro_batch_size must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"trainer.micro_batch_size ({self.micro_batch_size})"
             )
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"trainer.max_steps must be >= 1 or null, got {self.max_steps}")
+            raise ConfigError(f"trainer.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.max_epochs < 1 or self.log_every < 1:
-            raise ValueError("trainer.max_epochs and trainer.log_every must be >= 1")
+            raise ConfigError("trainer.max_epochs and trainer.log_every must be >= 1")
         if self.val_every < 0 or (self.val_batches is not None and self.val_batches < 1):
-            raise ValueError("trainer.val_every must be >= 0 and trainer.val_batches >= 1 or null")
+            raise ConfigError("trainer.val_every must be >= 0 and trainer.val_batches >= 1 or null")
 
 
 @dataclass
@@ -165,7 +239,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
+            raise ConfigError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
 
 
 @dataclass
@@ -175,8 +249,8 @@ class LoggingConfig:
     Attributes:
         tensorboard_dir: TensorBoard event directory; None disables TensorBoard.
         wandb_project: Weights & Biases project; None disables wandb.
-        wandb_mode: ``offline`` (a local run directory, no network), ``online`` or
-            ``disabled``.
+        wandb_mode: offline (a local run directory, no network), online or disabled; null (the default) takes
+            the WANDB_MODE environment variable, else offline.
         wandb_dir: parent directory of wandb's run directory; None uses wandb's
             default (``./wandb``).
         run_name: the run's name in wandb.
@@ -185,14 +259,50 @@ class LoggingConfig:
 
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
-    wandb_mode: str = "offline"
+    wandb_mode: str | None = None
     wandb_dir: str | None = None
     run_name: str = "aligner"
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        source = "logging.wandb_mode"
+        if self.wandb_mode is None:
+            self.wandb_mode = os.environ.get("WANDB_MODE", "offline")
+            source = "WANDB_MODE (environment)"
         if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"logging.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+            raise ConfigError(f"{source} must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+
+
+@dataclass
+class RunConfig:
+    """The sections every recipe shares; a recipe's config subclasses it and adds its own section.
+
+    Attributes:
+        model: the trained model's initial weights.
+        data: the data and its tokenization.
+        parallel: tensor / pipeline parallel sizes.
+        trainer: batch sizes, run length and cadence.
+        optim: optimizer and learning-rate schedule.
+        checkpoint: checkpointing and resume.
+        logging: metric sinks and the progress bar.
+    """
+
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model.is_set:
+            raise ConfigError("set model.hf_path (import a checkpoint) or model.config (a random model)")
+        max_steps = self.trainer.max_steps
+        if self.optim.warmup_steps and max_steps is not None and self.optim.warmup_steps >= max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be smaller than trainer.max_steps ({max_steps})"
+            )
 
 
 def load_config(schema_cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -208,26 +318,36 @@ def load_config(schema_cls: type[T], path: str | Path | None = None, overrides: 
         An instance of ``schema_cls`` (its ``__post_init__`` checks have run).
 
     Raises:
-        ValueError: an unknown key, a value that does not fit the key's type, a
-            required value left unset, or a check of the schema failing; the
-            message names the key and the file (or "overrides").
+        ConfigError: a missing or unreadable file, an unknown key, a value that
+            does not fit the key's type, a required value left unset, or a check
+            of the schema failing; the message names the key and the file (or
+            "overrides").
     """
     config = OmegaConf.structured(schema_cls)
     if path is not None:
-        config = _merge(config, OmegaConf.load(path), str(path))
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as error:  # yaml's parser errors have no common base worth naming
+            raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+        config = _merge(config, loaded, str(path))
     if overrides:
+        for override in overrides:
+            if "=" not in override:
+                raise ConfigError(f"override {override!r} is not key=value (e.g. optim.lr=1e-5)")
         try:
             override_config = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as error:
-            raise ValueError(f"overrides: cannot parse {list(overrides)}: {error}") from None
+            raise ConfigError(f"overrides: cannot parse {list(overrides)}: {error}") from None
         config = _merge(config, override_config, "overrides")
     source = "overrides" if path is None else f"{path} (with overrides)" if overrides else str(path)
     try:
         return OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
-        raise ValueError(f"{source}: {_describe(error)}") from None
+        raise ConfigError(f"{source}: {_describe(error)}") from None
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def config_to_yaml(config: Any) -> str:
@@ -235,11 +355,67 @@ def config_to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def describe_keys(schema_cls: type) -> Iterator[tuple[str, Any, str]]:
+    """Every leaf key of ``schema_cls`` as ``(dotted key, default, one-line meaning)``, in field order.
+
+    The meaning is the key's entry in the ``Attributes:`` section of its
+    dataclass's docstring (entries may name several keys: ``a, b: ...``);
+    subclass sections are searched before base classes.
+
+    Raises:
+        ValueError: a key without a description (every public key is documented).
+    """
+    yield from _describe_fields(schema_cls, "")
+
+
+def _describe_fields(schema_cls: type, prefix: str) -> Iterator[tuple[str, Any, str]]:
+    docs = _attribute_docs(schema_cls)
+    for entry in dataclasses.fields(schema_cls):
+        key = f"{prefix}{entry.name}"
+        has_factory = entry.default_factory is not dataclasses.MISSING
+        default = entry.default_factory() if has_factory else entry.default
+        if dataclasses.is_dataclass(default):
+            yield from _describe_fields(type(default), f"{key}.")
+            continue
+        if entry.name not in docs:
+            raise ValueError(f"{schema_cls.__name__}.{entry.name} has no entry in the docstring's Attributes section")
+        yield key, default, docs[entry.name]
+
+
+_ATTRIBUTE = re.compile(r"^(\s*)([A-Za-z_][\w, ]*):\s*(.*)$")
+
+
+def _attribute_docs(schema_cls: type) -> dict[str, str]:
+    """``{field name: description}`` from the ``Attributes:`` sections of ``schema_cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for cls in reversed(schema_cls.__mro__):
+        lines = (cls.__doc__ or "").splitlines()
+        try:
+            start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+        except StopIteration:
+            continue
+        names: list[str] = []
+        indent = None
+        for line in lines[start + 1 :]:
+            if not line.strip():
+                break
+            match = _ATTRIBUTE.match(line)
+            if match and (indent is None or len(match.group(1)) == indent):
+                indent = len(match.group(1))
+                names = [name.strip() for name in match.group(2).split(",")]
+                for name in names:
+                    docs[name] = match.group(3).strip()
+            elif names:
+                for name in names:
+                    docs[name] += " " + line.strip()
+    return docs
+
+
 def _merge(base: Any, update: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as error:
-        raise ValueError(f"{source}: {_describe(error)}") from None
+        raise ConfigError(f"{source}: {_describe(error)}") from None
 
 
 def _describe(error: OmegaConfBaseException) -> str:

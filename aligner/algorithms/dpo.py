@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "simpo", "orpo")
-_REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")  # losses that use no reference policy
 _REWARD_AWARE = ("rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl")
 _SMOOTHABLE = ("sigmoid", "simpo")
 SFT_AVERAGES = ("token", "sum")
@@ -74,7 +74,7 @@ def _check_arguments(loss_type: str, beta: float, label_smoothing: float, eta: f
             f"label_smoothing applies to loss_type {' or '.join(_SMOOTHABLE)} only, got {loss_type!r} "
             f"with label_smoothing={label_smoothing}"
         )
-    if loss_type not in _REFERENCE_FREE and any(ref is None for ref in refs):
+    if loss_type not in REFERENCE_FREE_LOSS_TYPES and any(ref is None for ref in refs):
         raise ValueError(f"loss_type {loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
     if loss_type in _REWARD_AWARE:
         if any(reward is None for reward in rewards):
@@ -165,7 +165,7 @@ def preference_loss(
         (ref_chosen_logps, ref_rejected_logps),
         (chosen_rewards, rejected_rewards),
     )
-    uses_refs = loss_type not in _REFERENCE_FREE
+    uses_refs = loss_type not in REFERENCE_FREE_LOSS_TYPES
     _check_same_batch(
         {
             "policy_chosen_logps": policy_chosen_logps,

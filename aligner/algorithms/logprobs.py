@@ -15,10 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aligner.ops import token_logprobs
+from aligner.ops import IGNORE_INDEX, token_logprobs
 from aligner.parallel.vocab_parallel import vocab_parallel_token_logprobs
-
-IGNORE_INDEX = -100
 
 
 def _mask_padding(logits: Tensor, vocab_size: int, vocab_start: int) -> Tensor:
@@ -97,8 +95,20 @@ def sequence_logprobs(
         )
     else:
         token_logps = token_logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX)
-    counts = (labels != IGNORE_INDEX).sum(dim=-1)
-    return token_logps, token_logps.sum(dim=-1), counts
+    return token_logps, *sum_per_sequence(token_logps, labels)
+
+
+def sum_per_sequence(token_logps: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's summed token log-probs and its number of trained tokens.
+
+    Args:
+        token_logps: ``[B, S]`` per-token log-probs, 0 where ``labels == -100``.
+        labels: ``[B, S]`` token ids or ``-100``.
+
+    Returns:
+        ``(sums [B], counts [B])``: ``token_logps.sum(-1)`` and the int64 count of ``labels != -100``.
+    """
+    return token_logps.sum(dim=-1), (labels != IGNORE_INDEX).sum(dim=-1)
 
 
 def last_token_values(values: Tensor, lengths: Tensor) -> Tensor:

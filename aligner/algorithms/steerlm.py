@@ -2,10 +2,12 @@
 
 The recipe (Dong et al., 2023; NeMo-Aligner): train a multi-attribute
 regression reward model (:func:`aligner.algorithms.reward.regression_loss`),
-:func:`annotate` the SFT data with its predictions, fine-tune with each
-example's attribute string in the prompt (:func:`conditioned_prompt`, plain
-SFT loss), then ask for the attributes you want at inference
-(:func:`generate_with_attributes`).
+label the SFT data with its predictions (:func:`attribute_value` turns a
+prediction into a value; the model-running part is
+:func:`aligner.recipes.steerlm.annotate`), fine-tune with each example's
+attribute string in the prompt (:func:`conditioned_prompt`, plain SFT loss),
+then ask for the attributes you want at inference
+(:func:`aligner.generation.steerlm.generate_with_attributes`).
 
 The attribute string is NeMo-Aligner's canonical form, ``name:value`` pairs in
 a fixed order joined by commas, values integers ``0..4``::
@@ -24,12 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-import torch
-
-from aligner.algorithms.logprobs import last_token_values
+from collections.abc import Mapping, Sequence
 
 # NeMo-Aligner's SteerLM attributes (OpenAssistant + HelpSteer), in its canonical order.
 DEFAULT_ATTRIBUTES: tuple[str, ...] = (
@@ -50,7 +47,13 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Prompt = str | list[dict[str, str]]
 
 
-def _check_names(names: Sequence[str]) -> None:
+def check_attribute_names(names: Sequence[str]) -> None:
+    """``names`` must be a non-empty list of distinct identifiers.
+
+    Raises:
+        ValueError: a string instead of a list, an empty list, a name that is
+            not an identifier, or a repeated name.
+    """
     if isinstance(names, str) or not names:
         raise ValueError(f"attribute names must be a non-empty list of names, got {names!r}")
     bad = [name for name in names if not isinstance(name, str) or not _NAME.match(name)]
@@ -98,7 +101,7 @@ def format_attributes(values: Mapping[str, float], names: Sequence[str] = DEFAUL
         ValueError: bad ``names``, ``values`` missing a name or holding an unknown
             one, a value that is not a finite number.
     """
-    _check_names(names)
+    check_attribute_names(names)
     _check_same_names(list(values), names, "format_attributes")
     return ",".join(f"{name}:{attribute_value(values[name])}" for name in names)
 
@@ -141,7 +144,7 @@ def parse_attributes(text: str, names: Sequence[str] | None = DEFAULT_ATTRIBUTES
         parsed[name] = int(raw)
     if names is None:
         return parsed
-    _check_names(names)
+    check_attribute_names(names)
     _check_same_names(list(parsed), names, f"parse_attributes({text!r})")
     return {name: parsed[name] for name in names}
 
@@ -182,197 +185,3 @@ def conditioned_prompt(
         messages[0]["content"] = f"{line}\n{system}" if system else line
         return messages
     return [{"role": "system", "content": line}, *messages]
-
-
-def _check_single_stage(what: str) -> None:
-    from megatron.core import parallel_state
-
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cp = parallel_state.get_context_parallel_world_size()
-    if pp > 1 or cp > 1:
-        raise NotImplementedError(
-            f"{what} runs with tensor parallelism only; got pipeline-parallel size {pp} and context-parallel size {cp}"
-        )
-
-
-@torch.no_grad()
-def annotate(
-    records: Sequence[Mapping[str, Any]],
-    reward_model: torch.nn.Module,
-    encode: Callable[[Mapping[str, Any]], Sequence[int]] | Sequence[Sequence[int]],
-    *,
-    names: Sequence[str] = DEFAULT_ATTRIBUTES,
-    batch_size: int = 8,
-    pad_token_id: int = 0,
-) -> list[dict[str, Any]]:
-    """Label each record with the attribute values a regression reward model predicts.
-
-    Each record's prompt+response tokens run through the model in right-padded
-    batches; its ``K`` outputs at the last real token (position ``length - 1``)
-    become the attribute values, clamped to ``0..4`` and rounded half up. The
-    model runs in eval mode and is put back in its former mode afterwards. A
-    collective over the tensor-parallel group when it has several ranks.
-
-    Args:
-        records: the examples (e.g. ``{"prompt", "response", ...}``), passed through.
-        reward_model: a model from :func:`aligner.models.gpt.build_model` with
-            ``num_value_outputs=len(names)`` (this rank's tensor-parallel shard).
-        encode: a function from a record to its prompt+response token ids (the
-            chat template and tokenizer used to train the reward model), or the
-            token id lists themselves, one per record.
-        names: the model's outputs, in order.
-        batch_size: records per forward.
-        pad_token_id: the id right-padding fills with (never read: attention is causal).
-
-    Returns:
-        New dicts, one per record: the record's fields with ``"attributes"``
-        replaced by ``{name: int}`` predictions.
-
-    Raises:
-        ValueError: bad ``names``, ``batch_size < 1``, a token list count other than
-            ``len(records)``, an empty token list, a model whose output count is
-            not ``len(names)``.
-        NotImplementedError: pipeline- or context-parallel size above 1.
-    """
-    _check_names(names)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if callable(encode):
-        token_ids = [list(encode(record)) for record in records]
-    else:
-        token_ids = [list(ids) for ids in encode]
-        if len(token_ids) != len(records):
-            raise ValueError(f"got {len(token_ids)} token id lists for {len(records)} records")
-    empty = [index for index, ids in enumerate(token_ids) if not ids]
-    if empty:
-        raise ValueError(f"record(s) {empty[:8]} encode to no tokens")
-    _check_single_stage("annotate")
-    device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
-    annotated = []
-    try:
-        for first in range(0, len(records), batch_size):
-            chunk = token_ids[first : first + batch_size]
-            lengths = torch.tensor([len(ids) for ids in chunk], dtype=torch.long, device=device)
-            input_ids = torch.full((len(chunk), int(lengths.max())), pad_token_id, dtype=torch.long, device=device)
-            for row, ids in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            values = reward_model(input_ids, None, None)  # [b, s, K]
-            if values.shape[-1] != len(names):
-                raise ValueError(
-                    f"the reward model has {values.shape[-1]} outputs but {len(names)} attribute names were given "
-                    f"({list(names)}); build it with num_value_outputs={len(names)}"
-                )
-            scores = last_token_values(values.float(), lengths).cpu()  # [b, K]
-            for offset, row_scores in enumerate(scores.tolist()):
-                predicted = {name: attribute_value(score) for name, score in zip(names, row_scores, strict=True)}
-                annotated.append({**records[first + offset], "attributes": predicted})
-    finally:
-        reward_model.train(was_training)
-    return annotated
-
-
-def generate_with_attributes(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompt: Prompt,
-    attributes: Mapping[str, float],
-    *,
-    names: Sequence[str] = DEFAULT_ATTRIBUTES,
-    max_new_tokens: int = 256,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> str:
-    """The response of a SteerLM policy asked for ``attributes``, from the torch engine.
-
-    The prompt gets its attribute line (:func:`conditioned_prompt`); chat
-    messages are rendered with the tokenizer's chat template (generation prompt
-    added) and encoded without extra special tokens, plain text is encoded with
-    the tokenizer's defaults. Generation stops at ``tokenizer.eos_token_id``.
-
-    Args:
-        model: the SteerLM policy (a language model from ``build_model``, this
-            rank's tensor-parallel shard; every rank of the group must call).
-        tokenizer: a Hugging Face tokenizer (``encode``, ``decode``,
-            ``apply_chat_template``, ``eos_token_id``, ``pad_token_id``; the eos
-            pads when there is no pad token).
-        prompt: plain text or chat messages.
-        attributes: the wanted value of every attribute in ``names``.
-        names: the attributes and their order, as in training.
-        max_new_tokens, greedy, temperature, top_k, top_p, generator: see
-            :func:`aligner.generation.torch_engine.generate`.
-
-    Returns:
-        The decoded response, special tokens (the eos) left out.
-
-    Raises:
-        ValueError: the tokenizer has no eos token; see :func:`conditioned_prompt`
-            and :func:`aligner.generation.torch_engine.generate`.
-    """
-    (response,) = generate_with_attributes_batch(
-        model,
-        tokenizer,
-        [prompt],
-        attributes,
-        names=names,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-    )
-    return response
-
-
-def generate_with_attributes_batch(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    attributes: Mapping[str, float],
-    *,
-    names: Sequence[str] = DEFAULT_ATTRIBUTES,
-    max_new_tokens: int = 256,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """:func:`generate_with_attributes` for several prompts in one batch of the engine; one response each."""
-    from aligner.generation.torch_engine import generate
-
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id: generation would never stop at an end token")
-    prompt_ids = []
-    for prompt in prompts:
-        conditioned = conditioned_prompt(prompt, attributes, names)
-        if isinstance(conditioned, str):
-            prompt_ids.append(list(tokenizer.encode(conditioned)))
-        else:
-            text = tokenizer.apply_chat_template(conditioned, tokenize=False, add_generation_prompt=True)
-            prompt_ids.append(list(tokenizer.encode(text, add_special_tokens=False)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out = generate(
-        model,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        greedy=greedy,
-        generator=generator,
-    )
-    return [
-        tokenizer.decode(
-            out.tokens[row, int(out.prompt_lengths[row]) : int(out.lengths[row])].tolist(), skip_special_tokens=True
-        )
-        for row in range(len(prompt_ids))
-    ]

@@ -5,7 +5,7 @@ one only if each of these is restored on each rank: Python's ``random``,
 NumPy's global generator, torch's CPU generator, torch's CUDA generator (on a
 GPU) and megatron-core's tensor-parallel RNG tracker (its named streams are
 CUDA generator states on a GPU, CPU generator states under
-:mod:`aligner.models.megatron_cpu`; the tracker API is the same).
+:mod:`aligner.parallel.megatron_cpu`; the tracker API is the same).
 """
 
 from __future__ import annotations

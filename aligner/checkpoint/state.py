@@ -1,4 +1,4 @@
-"""Save and load a training run's full state: weights, optimizer, scheduler, RNG, data position.
+"""Save and load a training run's full state: its named train states, the run's state and RNG.
 
 A checkpoint is a megatron-core distributed checkpoint (``dist_checkpointing``,
 ``torch_dist`` format: every tensor stored once, as a slice of its full,
@@ -6,25 +6,30 @@ unsharded shape) plus two files of ours; it is committed atomically (see
 :mod:`aligner.checkpoint.layout`)::
 
     step_000123/
-      meta.json                     # step, the writer's parallel layout, format; written last
+      meta.json                     # step, the states' names, the writer's parallel layout, format; written last
       config.yaml                   # the run's configuration, when given
-      metadata.json, common.pt,     # megatron-core: format, the non-tensor state (scheduler,
-      .metadata, __*_*.distcp       #   trainer state, optimizer hyper-parameters), tensor shards
+      metadata.json, common.pt,     # megatron-core: format, the non-tensor state (schedulers, the run's
+      .metadata, __*_*.distcp       #   state, optimizer hyper-parameters), tensor shards
 
-The sharded state is ``{"model", "optimizer", "scheduler", "trainer", "rng"}``:
+The sharded state holds, for each named train state (``{"policy": state}``;
+PPO: ``{"actor": ..., "critic": ...}``), its model, optimizer and scheduler, plus
+``run`` and ``rng``:
 
-- ``model``: ``GPTModel.sharded_state_dict()``; each rank writes its slice of every weight.
-- ``optimizer``: megatron's ``sharded_state_dict`` of its optimizer; Adam moments are
+- ``<name>.model``: ``GPTModel.sharded_state_dict(prefix="<name>.")``; each rank writes its
+  slice of every weight.
+- ``<name>.optimizer``: megatron's ``sharded_state_dict`` of its optimizer; Adam moments are
   sliced like their weights. The distributed optimizer (GPU) is saved as
   ``fully_reshardable``, a canonical per-weight state.
-- ``scheduler`` and ``trainer`` (step, data position): common to all ranks, written by rank 0.
+- ``<name>.scheduler`` and ``run`` (the run's step, data position and whatever the
+  recipe registered): common to all ranks, written by rank 0.
 - ``rng``: one object per rank (Python, NumPy, torch, CUDA, megatron tracker streams).
 
 So a checkpoint loads into any tensor/pipeline/data-parallel layout: weights and
 optimizer state are resliced by megatron-core. Resuming on the layout that wrote it
 also restores every rank's RNG streams and is bitwise exact; on another layout the
 random streams cannot correspond (dropout masks are drawn per rank), so they keep
-the new run's seed, and a warning says so.
+the new run's seed, and a warning says so. Frozen models (a DPO reference) are not
+saved: a recipe rebuilds them from the run's initial weights.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +47,12 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from aligner.checkpoint.layout import commit, latest_checkpoint, step_dir_name, temporary_dir
 from aligner.checkpoint.rng import get_rng_state, set_rng_state
 from aligner.config import config_to_yaml
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 META = "meta.json"
 CONFIG = "config.yaml"
 # megatron's options for the optimizer's sharded state: the distributed optimizer's
@@ -101,49 +106,44 @@ def _allocate_distributed_optimizer_state(optimizer: MegatronOptimizer) -> None:
 
 
 def _sharded_state(
-    model: GPTModel,
-    optimizer: MegatronOptimizer | None,
-    scheduler: OptimizerParamScheduler | None,
-    trainer_state: Any,
-    with_rng: bool,
-    is_loading: bool,
+    states: Mapping[str, Any], run_state: Any, *, with_optimizer: bool, with_rng: bool, is_loading: bool
 ) -> dict[str, Any]:
-    model_state = model.sharded_state_dict()
-    state: dict[str, Any] = {"model": model_state}
-    if optimizer is not None:
-        _allocate_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
-        )
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    if trainer_state is not None:
-        state["trainer"] = trainer_state
+    sharded: dict[str, Any] = {}
+    for name, state in states.items():
+        model_state = state.model.sharded_state_dict(prefix=f"{name}.")
+        entry: dict[str, Any] = {"model": model_state}
+        if with_optimizer:
+            _allocate_distributed_optimizer_state(state.optimizer)
+            entry["optimizer"] = state.optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA
+            )
+            entry["scheduler"] = state.scheduler.state_dict()
+        sharded[name] = entry
+    if run_state is not None:
+        sharded["run"] = run_state
     if with_rng:
-        state["rng"] = _rng_object(None if is_loading else get_rng_state())
-    return state
+        sharded["rng"] = _rng_object(None if is_loading else get_rng_state())
+    return sharded
 
 
 def save_checkpoint(
     root: str | Path,
     step: int,
-    model: GPTModel,
-    optimizer: MegatronOptimizer,
-    scheduler: OptimizerParamScheduler,
-    trainer_state: dict[str, Any],
+    states: Mapping[str, Any],
+    run_state: dict[str, Any],
     *,
     keep_last: int,
     run_config: Any = None,
 ) -> Path:
-    """Write the run's state after ``step`` optimizer steps as ``<root>/step_<step>``; a collective.
+    """Write the run's state after ``step`` steps as ``<root>/step_<step>``; a collective.
 
     Args:
         root: the checkpoint root (created if missing).
-        step: optimizer steps taken.
-        model: this rank's (unwrapped) model shard.
-        optimizer: megatron optimizer over ``model``.
-        scheduler: its learning-rate scheduler.
-        trainer_state: the loop's state, the same on every rank (rank 0's is written),
+        step: the run's steps taken.
+        states: the trained models by name, each with ``model`` (this rank's
+            unwrapped shard), ``optimizer`` and ``scheduler`` (a
+            :class:`~aligner.trainers.state.TrainState`).
+        run_state: the run's state, the same on every rank (rank 0's is written),
             e.g. ``{"step": 12, "data": sampler.state_dict()}``; returned by :func:`load_checkpoint`.
         keep_last: checkpoints to keep (older ones are deleted after the commit).
         run_config: the run's configuration (a dataclass), written as ``config.yaml``.
@@ -161,8 +161,8 @@ def save_checkpoint(
     dist.broadcast_object_list(names, src=0)
     tmp_dir = Path(names[0])
 
-    state = _sharded_state(model, optimizer, scheduler, trainer_state, with_rng=True, is_loading=False)
-    dist_checkpointing.save(state, str(tmp_dir))  # a collective; returns when every rank's shards are written
+    sharded = _sharded_state(states, run_state, with_optimizer=True, with_rng=True, is_loading=False)
+    dist_checkpointing.save(sharded, str(tmp_dir))  # a collective; returns when every rank's shards are written
 
     final = tmp_dir.parent / step_dir_name(step)
     if dist.get_rank() == 0:
@@ -171,7 +171,13 @@ def save_checkpoint(
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
-            "distributed_optimizer": _uses_distributed_optimizer(optimizer),
+            "states": {
+                name: {
+                    "distributed_optimizer": _uses_distributed_optimizer(state.optimizer),
+                    "value_outputs": state.model.aligner_num_value_outputs,
+                }
+                for name, state in states.items()
+            },
             **_layout(),
         }
         (tmp_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -187,35 +193,32 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION} "
-            "(format 1, per-rank torch.save files, was replaced by megatron distributed checkpoints)"
+            "(format 3 holds named train states; older checkpoints cannot be resumed by this version)"
         )
     return meta
 
 
 @torch.no_grad()  # the distributed optimizer copies into views of the (grad-requiring) fp32 weights
-def load_checkpoint(
-    path: str | Path,
-    model: GPTModel,
-    optimizer: MegatronOptimizer,
-    scheduler: OptimizerParamScheduler,
-) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, states: Mapping[str, Any]) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote in ``path`` into this run's layout; a collective.
 
-    Loads the weights and the optimizer state (resliced for this rank's
-    tensor/pipeline/data-parallel position), the scheduler, and, when this run has
-    the layout that wrote the checkpoint, every rank's RNG states.
+    Loads each named state's weights and optimizer state (resliced for this
+    rank's tensor/pipeline/data-parallel position) and its scheduler, and, when
+    this run has the layout that wrote the checkpoint, every rank's RNG states.
 
     Returns:
-        The ``trainer_state`` that was saved.
+        The ``run_state`` that was saved.
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint.
-        ValueError: it was written in another format.
-        megatron.core.dist_checkpointing.core.CheckpointingException: the model or
+        ValueError: it was written in another format, or holds other states than ``states``.
+        megatron.core.dist_checkpointing.core.CheckpointingException: a model or
             optimizer does not match the checkpoint (other shapes or parameters).
     """
     path = Path(path)
     meta = _read_meta(path)
+    if sorted(meta["states"]) != sorted(states):
+        raise ValueError(f"{path} holds the train states {sorted(meta['states'])}, this run has {sorted(states)}")
     saved_layout = {key: meta[key] for key in ("world_size", "tp", "pp", "dp")}
     same_layout = saved_layout == _layout()
     if not same_layout and dist.get_rank() == 0:
@@ -226,14 +229,21 @@ def load_checkpoint(
             saved_layout,
             _layout(),
         )
-    template = _sharded_state(model, optimizer, scheduler, {}, with_rng=same_layout, is_loading=True)
-    state = dist_checkpointing.load(template, str(path))
-    model.load_state_dict(state["model"])
-    _load_optimizer(optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    template = _sharded_state(states, {}, with_optimizer=True, with_rng=same_layout, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(path))
+    for name, state in states.items():
+        state.model.load_state_dict(_without_prefix(loaded[name]["model"], name))
+        _load_optimizer(state.optimizer, loaded[name]["optimizer"])
+        state.scheduler.load_state_dict(loaded[name]["scheduler"])
     if same_layout:
-        set_rng_state(state["rng"])
-    return state["trainer"]
+        set_rng_state(loaded["rng"])
+    return loaded["run"]
+
+
+def _without_prefix(model_state: dict[str, Any], name: str) -> dict[str, Any]:
+    """A loaded ``<name>.``-prefixed model state dict with the keys ``load_state_dict`` expects."""
+    prefix = f"{name}."
+    return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in model_state.items()}
 
 
 def _load_optimizer(optimizer: MegatronOptimizer, state: Any) -> None:
@@ -270,19 +280,24 @@ def _load_optimizer(optimizer: MegatronOptimizer, state: Any) -> None:
 
 
 @torch.no_grad()
-def load_model_weights(path: str | Path, model: GPTModel) -> Path:
-    """Load only the weights of a checkpoint into this rank's ``model`` shard (any layout); a collective.
+def load_model_weights(path: str | Path, model: GPTModel, state_name: str | None = None) -> Path:
+    """Load only the weights of one train state of a checkpoint into this rank's ``model`` shard (any layout).
+
+    A collective.
 
     Args:
         path: a checkpoint directory (``.../step_000123``) or a checkpoint root,
             whose ``latest`` is used.
-        model: this rank's shard of a model of the checkpoint's architecture.
+        model: this rank's shard of a model of the state's architecture.
+        state_name: the train state to read (``policy``, ``critic``, ...); None:
+            the checkpoint's only state.
 
     Returns:
         The checkpoint directory read.
 
     Raises:
         FileNotFoundError: no complete checkpoint at ``path``.
+        ValueError: ``state_name`` is not in the checkpoint, or None while it holds several.
     """
     path = Path(path)
     if not (path / META).is_file():
@@ -290,7 +305,22 @@ def load_model_weights(path: str | Path, model: GPTModel) -> Path:
         if latest is None:
             raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a root with a 'latest'")
         path = latest
-    _read_meta(path)
-    state = dist_checkpointing.load(_sharded_state(model, None, None, None, False, True), str(path))
-    model.load_state_dict(state["model"])
+    names = sorted(_read_meta(path)["states"])
+    if state_name is None:
+        if len(names) != 1:
+            raise ValueError(f"{path} holds the train states {names}: name the one to load")
+        state_name = names[0]
+    if state_name not in names:
+        raise ValueError(f"{path} has no train state {state_name!r} (it holds {names})")
+    holder = _ModelOnly(model)
+    template = _sharded_state({state_name: holder}, None, with_optimizer=False, with_rng=False, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(_without_prefix(loaded[state_name]["model"], state_name))
     return path
+
+
+class _ModelOnly:
+    """A train state without optimizer, for reading weights alone."""
+
+    def __init__(self, model: GPTModel) -> None:
+        self.model = model

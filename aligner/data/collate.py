@@ -35,10 +35,14 @@ from aligner.data.encode import (
     RegressionExample,
     SFTExample,
 )
-
-IGNORE_INDEX = -100  # the label of untrained positions; token_logprobs gives them 0
+from aligner.ops import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors on ``device`` (other values as they are)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def padded_width(lengths: Sequence[int], pad_to_multiple_of: int | None = None) -> int:

@@ -8,6 +8,8 @@
   :func:`vocab_parallel_linear_token_logprobs`
   (:mod:`aligner.parallel.vocab_parallel`): the ``aligner.ops`` results when the
   vocabulary is split over a tensor-parallel group.
+- :mod:`aligner.parallel.megatron_cpu`: the small shim that lets megatron-core run on
+  the CPU (gloo); ``initialize`` turns it on only when no GPU is present.
 
 ``initialize`` imports megatron-core (seconds) when it is called, not before.
 """

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aligner.models import megatron_cpu
+from aligner.parallel import megatron_cpu
 
 # Megatron-LM offsets the seed of each pipeline stage so that stages that build
 # different layers do not draw the same initial weights.
@@ -47,7 +47,7 @@ def initialize(
             by ``model_parallel_cuda_manual_seed`` (which adds the TP rank).
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when a GPU is present,
             gloo otherwise. On a machine without a GPU,
-            :func:`aligner.models.megatron_cpu.enable` is called first so that
+            :func:`aligner.parallel.megatron_cpu.enable` is called first so that
             megatron-core runs on the CPU.
         timeout_minutes: collective timeout for every group.
 

@@ -1,7 +1,26 @@
-"""torchrun entry points, one per algorithm: ``python -m aligner.recipes.<sft|rm|dpo|kto|steerlm> --config ...``.
+"""torchrun entry points, one per algorithm: ``python -m aligner.recipes.<name> --config ... [key=value ...]``.
 
-Each reads a YAML config (``configs/``) with ``key=value`` overrides, builds the
-model and data, and runs the shared offline trainer with its algorithm's
-``forward_step``. :mod:`aligner.recipes.prepare_demo` writes the synthetic data
-and tokenizer the tiny configs use.
+Each recipe module reads top to bottom: config -> data -> models -> reference
+-> loss -> loop, on the shared pieces of :mod:`aligner.trainers`, and declares
+itself with a :class:`aligner.cli.Recipe` (its config class and ``run``). The registry
+:data:`RECIPE_NAMES` / :func:`get_recipe` is how tools and tests find them.
+:mod:`aligner.recipes.prepare_demo` writes the synthetic data and tokenizer the
+tiny configs use.
 """
+
+from __future__ import annotations
+
+import importlib
+
+RECIPE_NAMES = ("sft", "rm", "dpo", "kto", "steerlm")
+
+
+def get_recipe(name: str):
+    """The registered :class:`aligner.cli.Recipe` ``name`` (its module is imported on first use).
+
+    Raises:
+        KeyError: no such recipe.
+    """
+    if name not in RECIPE_NAMES:
+        raise KeyError(f"no recipe {name!r}; the recipes are {', '.join(RECIPE_NAMES)}")
+    return importlib.import_module(f"aligner.recipes.{name}").RECIPE

@@ -26,31 +26,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aligner.algorithms.dpo import LOSS_TYPES, preference_loss, sft_term, split_pairs
-from aligner.algorithms.logprobs import sequence_logprobs
-from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
-from aligner.recipes.common import (
-    REFERENCE_MODES,
-    DataSection,
-    ModelSection,
-    fit,
-    frozen_copy,
-    make_loaders,
-    parse_command_line,
-    precompute_sequence_logprobs,
-    prepare_run,
-    report,
-    tensor_parallel_group,
-    weighted_metrics,
-    with_reference_model,
-    with_reference_table,
-)
+from aligner import cli
+from aligner.algorithms.dpo import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, preference_loss, sft_term, split_pairs
+from aligner.algorithms.logprobs import sum_per_sequence
+from aligner.config import ConfigError, RunConfig
+from aligner.data.splits import load_splits, make_loaders
+from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
+from aligner.models.loading import build_model_from, check_vocab, frozen_copy
+from aligner.parallel import initialize
+from aligner.trainers.fit import fit
+from aligner.trainers.reference import precompute_sequence_logprobs, with_reference_model, with_reference_table
+from aligner.trainers.run import Run, run_length
+from aligner.trainers.state import build_train_state
+from aligner.trainers.step import weighted_metrics
 
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_MODES = ("precompute", "on_the_fly")
 
 
 @dataclass
-class DPOSection:
+class DPOConfig:
     """The preference objective.
 
     Attributes:
@@ -80,48 +74,49 @@ class DPOSection:
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            raise ConfigError(f"dpo.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+            raise ConfigError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
         if self.sft_weight < 0:
-            raise ValueError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+            raise ConfigError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
 
     @property
     def uses_reference(self) -> bool:
-        return self.loss_type not in REFERENCE_FREE
+        """The loss compares against a frozen reference policy (all but SimPO and ORPO)."""
+        return self.loss_type not in REFERENCE_FREE_LOSS_TYPES
 
     @property
     def averages(self) -> bool:
-        return self.length_normalize or self.loss_type in REFERENCE_FREE
+        """The loss reads per-token average log-probs instead of sums."""
+        return self.length_normalize or self.loss_type in REFERENCE_FREE_LOSS_TYPES
 
 
 @dataclass
-class DPORunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+class DPORunConfig(RunConfig):
+    """DPO-family preference optimization.
+
+    Attributes:
+        dpo: the preference objective and where the reference log-probs come from.
+    """
+
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
-def make_forward_step(dpo: DPOSection, vocab_size: int, tp_group):
-    """The trainer's ``forward_step``: (summed per-pair loss, pairs, metrics).
+def make_forward_step(dpo: DPOConfig):
+    """The step's ``forward_step``: (summed per-pair loss, pairs, metrics).
 
     Reference log-prob sums come from ``batch["ref_logps"]`` (from the precomputed
     table or the reference model, see :func:`run`).
     """
 
     def forward_step(batch, model):
-        logits = model(batch["input_ids"], None, None)  # [2B, S, V / tp]: chosen rows, then rejected
+        hidden = lm_hidden_states(model, batch["input_ids"])  # 2B rows: chosen, then rejected
         ref_sums = batch.get("ref_logps")
 
-        def loss_func(logits: torch.Tensor):
-            _, sums, counts = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
+        def loss_func(hidden: torch.Tensor):
+            sums, counts = sum_per_sequence(lm_token_logprobs(model, hidden, batch["labels"]), batch["labels"])
             policy = sums / counts.clamp(min=1) if dpo.averages else sums
             reference = (None, None)
             if dpo.uses_reference:
@@ -148,27 +143,27 @@ def make_forward_step(dpo: DPOSection, vocab_size: int, tp_group):
             pairs = chosen.shape[0]
             return loss.sum(), torch.tensor(pairs), weighted_metrics(metrics, pairs)
 
-        return logits, loss_func
+        return hidden, loss_func
 
     return forward_step
 
 
-def run(config: DPORunConfig):
-    """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
+def run(config: DPORunConfig) -> Run:
+    """Train; returns the finished :class:`~aligner.trainers.run.Run` (``summary``, ``states["policy"]``)."""
     dpo = config.dpo
-    train, val, model = prepare_run(config, "preference")
-    vocab_size, tp_group = model.aligner_config.vocab_size, tensor_parallel_group()
-    train_loader, val_loader = make_loaders(config, train, val)
+    initialize(tp=config.parallel.tp, pp=config.parallel.pp, seed=config.trainer.seed)
+    # data
+    tokenizer, train, val = load_splits(config.model, config.data, "preference")
+    train_loader, val_loader = make_loaders(config.trainer, config.data, train, val)
+    # models
+    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
+    check_vocab(tokenizer, model)
+    # reference: the initial policy (the run resumes a checkpoint later, so a resumed run gets the same one)
     if dpo.uses_reference:
-        # The policy holds its initial weights here (the trainer resumes a checkpoint later), so a
-        # resumed run gets the same reference as the first.
         reference_model = frozen_copy(model)
         if dpo.reference == "precompute":
             table_args = dict(
-                micro_batch_size=config.trainer.micro_batch_size,
-                vocab_size=vocab_size,
-                tp_group=tp_group,
-                data=config.data,
+                micro_batch_size=config.trainer.micro_batch_size, pad_to_multiple_of=config.data.pad_to_multiple_of
             )
             train_loader = with_reference_table(
                 train_loader, precompute_sequence_logprobs(reference_model, train, **table_args)
@@ -179,16 +174,22 @@ def run(config: DPORunConfig):
                 )
             del reference_model  # freed before training
         else:
-            train_loader = with_reference_model(train_loader, reference_model, vocab_size=vocab_size, tp_group=tp_group)
+            train_loader = with_reference_model(train_loader, reference_model)
             if val_loader is not None:
-                val_loader = with_reference_model(val_loader, reference_model, vocab_size=vocab_size, tp_group=tp_group)
-    forward_step = make_forward_step(dpo, vocab_size, tp_group)
-    return fit(config, model, forward_step, train_loader, val_loader)
+                val_loader = with_reference_model(val_loader, reference_model)
+    # loop
+    steps = run_length(config.trainer, train_loader)
+    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    run.resume()
+    return fit(run, state, make_forward_step(dpo), train_loader, val_loader)
+
+
+RECIPE = cli.Recipe("dpo", "DPO-family preference optimization", DPORunConfig, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    path, overrides = parse_command_line(argv, "DPO-family preference optimization")
-    report("dpo", run(load_config(DPORunConfig, path, overrides)))
+    cli.main(RECIPE, argv)
 
 
 if __name__ == "__main__":

@@ -25,34 +25,30 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
+from aligner import cli
 from aligner.algorithms.kto import kto_loss, kto_reference_point
-from aligner.algorithms.logprobs import sequence_logprobs
-from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
-from aligner.recipes.common import (
-    Annotated,
-    DataSection,
-    ModelSection,
-    fit,
-    forward_only_sequence_logprobs,
-    frozen_copy,
-    make_loaders,
-    parse_command_line,
-    prepare_run,
-    report,
-    tensor_parallel_group,
-    to_device,
-)
+from aligner.algorithms.logprobs import sum_per_sequence
+from aligner.config import ConfigError, RunConfig
+from aligner.data.splits import load_splits, make_loaders
+from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
+from aligner.models.loading import build_model_from, check_vocab, frozen_copy
+from aligner.parallel import initialize
+from aligner.trainers.fit import fit
+from aligner.trainers.reference import Annotated, frozen_sequence_logprobs
+from aligner.trainers.run import Run, run_length
+from aligner.trainers.state import build_train_state
 
 
 @dataclass
-class KTOSection:
+class KTOConfig:
     """The KTO objective.
 
     Attributes:
         beta: inverse temperature.
         desirable_weight, undesirable_weight: class weights; the KTO paper advises
-            ``desirable_weight * n_desirable ~ undesirable_weight * n_undesirable`` (up to 4:3).
+            desirable_weight * n_desirable ~ undesirable_weight * n_undesirable (up to 4:3).
         use_kl_reference_point: estimate ``z`` from mismatched pairs; False uses ``z = 0``.
     """
 
@@ -63,73 +59,66 @@ class KTOSection:
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
-            raise ValueError(f"kto.beta must be > 0, got {self.beta}")
+            raise ConfigError(f"kto.beta must be > 0, got {self.beta}")
         if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise ValueError("kto.desirable_weight and kto.undesirable_weight must be >= 0")
+            raise ConfigError("kto.desirable_weight and kto.undesirable_weight must be >= 0")
 
 
 @dataclass
-class KTORunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    kto: KTOSection = field(default_factory=KTOSection)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+class KTORunConfig(RunConfig):
+    """KTO on unpaired desirable / undesirable examples.
+
+    Attributes:
+        kto: the KTO objective.
+    """
+
+    kto: KTOConfig = field(default_factory=KTOConfig)
 
 
-def reference_annotator(kto: KTOSection, policy, reference_model, *, vocab_size: int, tp_group, dp_group):
-    """``annotate`` for :class:`~aligner.recipes.common.Annotated`: adds ``ref_logps`` and ``reference_point``.
+def reference_annotator(kto: KTOConfig, policy, reference_model):
+    """``annotate`` for :class:`~aligner.trainers.reference.Annotated`: adds ``ref_logps`` and ``reference_point``.
 
     Per micro-batch: the reference's sequence log-probs, and ``z`` from the
     mismatched pairs of this micro-batch on every data-parallel rank (one
     all-reduce of two numbers among the last pipeline stage's replicas), the
     policy's log-probs taken with its current weights and no gradient.
     """
-    device = next(reference_model.parameters()).device
-
-    def sums(model, batch, input_key, labels_key):
-        return forward_only_sequence_logprobs(
-            model, batch, input_key=input_key, labels_key=labels_key, vocab_size=vocab_size, tp_group=tp_group
-        )
+    dp_group = parallel_state.get_data_parallel_group()
 
     def annotate(micro_batches: list[dict]) -> list[dict]:
+        ref_logps = frozen_sequence_logprobs(reference_model, micro_batches)
+        if kto.use_kl_reference_point:
+            mismatched = dict(input_key="kl_input_ids", labels_key="kl_labels")
+            kl_policy = frozen_sequence_logprobs(policy, micro_batches, **mismatched)
+            kl_ref = frozen_sequence_logprobs(reference_model, micro_batches, **mismatched)
+        if ref_logps is None:  # not the last pipeline stage: the loss is not computed here
+            return micro_batches
         annotated = []
-        for batch in micro_batches:
-            on_device = to_device(batch, device)
-            ref_logps = sums(reference_model, on_device, "input_ids", "labels")
+        for index, batch in enumerate(micro_batches):
+            reference_point = torch.zeros((), dtype=torch.float64, device=ref_logps[index].device)
             if kto.use_kl_reference_point:
-                kl_policy = sums(policy, on_device, "kl_input_ids", "kl_labels")
-                kl_ref = sums(reference_model, on_device, "kl_input_ids", "kl_labels")
-            if ref_logps is None:  # not the last pipeline stage: the loss is not computed here
-                annotated.append(batch)
-                continue
-            reference_point = torch.zeros((), dtype=torch.float64, device=device)
-            if kto.use_kl_reference_point:
-                total, count = kto_reference_point(kl_policy, kl_ref)
+                total, count = kto_reference_point(kl_policy[index], kl_ref[index])
                 packed = torch.stack([total.double(), count.double()])
                 dist.all_reduce(packed, group=dp_group)
                 reference_point = packed[0] / packed[1].clamp(min=1)
-            annotated.append({**batch, "ref_logps": ref_logps, "reference_point": reference_point})
+            annotated.append({**batch, "ref_logps": ref_logps[index], "reference_point": reference_point})
         return annotated
 
     return annotate
 
 
-def make_forward_step(kto: KTOSection, vocab_size: int, tp_group):
+def make_forward_step(kto: KTOConfig):
     """The trainer's ``forward_step``: (summed per-example loss, examples, metrics).
 
     ``batch`` carries ``ref_logps`` and ``reference_point`` (:func:`reference_annotator`).
     """
 
     def forward_step(batch, model):
-        logits = model(batch["input_ids"], None, None)
+        hidden = lm_hidden_states(model, batch["input_ids"])
 
-        def loss_func(logits: torch.Tensor):  # on the last pipeline stage, where the batch is annotated
+        def loss_func(hidden: torch.Tensor):  # on the last pipeline stage, where the batch is annotated
             ref_logps, reference_point = batch["ref_logps"], batch["reference_point"]
-            _, policy_logps, _ = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
+            policy_logps, _ = sum_per_sequence(lm_token_logprobs(model, hidden, batch["labels"]), batch["labels"])
             loss, metrics = kto_loss(
                 policy_logps,
                 ref_logps,
@@ -151,34 +140,37 @@ def make_forward_step(kto: KTOSection, vocab_size: int, tp_group):
             examples = policy_logps.shape[0]
             return loss.sum(), torch.tensor(examples), reported
 
-        return logits, loss_func
+        return hidden, loss_func
 
     return forward_step
 
 
-def run(config: KTORunConfig):
-    """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    train, val, model = prepare_run(config, "kto")
-    from megatron.core import parallel_state
-
-    reference_model = frozen_copy(model)  # initial weights: the trainer resumes a checkpoint later
-    annotate = reference_annotator(
-        config.kto,
-        model,
-        reference_model,
-        vocab_size=model.aligner_config.vocab_size,
-        tp_group=tensor_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group(),
-    )
-    train_loader, val_loader = make_loaders(config, train, val)
+def run(config: KTORunConfig) -> Run:
+    """Train; returns the finished :class:`~aligner.trainers.run.Run` (``summary``, ``states["policy"]``)."""
+    initialize(tp=config.parallel.tp, pp=config.parallel.pp, seed=config.trainer.seed)
+    # data
+    tokenizer, train, val = load_splits(config.model, config.data, "kto")
+    train_loader, val_loader = make_loaders(config.trainer, config.data, train, val)
+    # models
+    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
+    check_vocab(tokenizer, model)
+    # reference: the initial policy (the run resumes a checkpoint later), run on each step's micro-batches
+    annotate = reference_annotator(config.kto, model, frozen_copy(model))
+    train_loader = Annotated(train_loader, annotate)
     val_loader = None if val_loader is None else Annotated(val_loader, annotate)
-    forward_step = make_forward_step(config.kto, model.aligner_config.vocab_size, tensor_parallel_group())
-    return fit(config, model, forward_step, Annotated(train_loader, annotate), val_loader)
+    # loop
+    steps = run_length(config.trainer, train_loader)
+    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    run.resume()
+    return fit(run, state, make_forward_step(config.kto), train_loader, val_loader)
+
+
+RECIPE = cli.Recipe("kto", "KTO on unpaired desirable/undesirable examples", KTORunConfig, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    path, overrides = parse_command_line(argv, "KTO on unpaired desirable/undesirable examples")
-    report("kto", run(load_config(KTORunConfig, path, overrides)))
+    cli.main(RECIPE, argv)
 
 
 if __name__ == "__main__":

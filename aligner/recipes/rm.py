@@ -22,27 +22,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aligner import cli
 from aligner.algorithms.dpo import split_pairs
 from aligner.algorithms.logprobs import last_token_values
 from aligner.algorithms.reward import pairwise_loss, regression_loss
-from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
+from aligner.config import ConfigError, RunConfig
 from aligner.data import HELPSTEER2_ATTRIBUTES
-from aligner.recipes.common import (
-    DataSection,
-    ModelSection,
-    fit,
-    make_loaders,
-    parse_command_line,
-    prepare_run,
-    report,
-    weighted_metrics,
-)
+from aligner.data.splits import load_splits, make_loaders
+from aligner.models.loading import build_model_from, check_vocab
+from aligner.parallel import initialize
+from aligner.trainers.fit import fit
+from aligner.trainers.run import Run, run_length
+from aligner.trainers.state import build_train_state
+from aligner.trainers.step import weighted_metrics
 
 KINDS = ("pairwise", "regression")
 
 
 @dataclass
-class RMSection:
+class RMConfig:
     """The reward model's objective.
 
     Attributes:
@@ -59,9 +57,9 @@ class RMSection:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"rm.kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"rm.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "regression" and not self.attribute_names:
-            raise ValueError("rm.attribute_names must name at least one attribute for a regression reward model")
+            raise ConfigError("rm.attribute_names must name at least one attribute for a regression reward model")
 
     @property
     def num_outputs(self) -> int:
@@ -69,19 +67,18 @@ class RMSection:
 
 
 @dataclass
-class RMRunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    rm: RMSection = field(default_factory=RMSection)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+class RMRunConfig(RunConfig):
+    """Reward model training.
+
+    Attributes:
+        rm: the reward model's objective.
+    """
+
+    rm: RMConfig = field(default_factory=RMConfig)
 
 
-def make_forward_step(rm: RMSection):
-    """The trainer's ``forward_step``: (summed loss, pairs or labelled entries, metrics)."""
+def make_forward_step(rm: RMConfig):
+    """The step's ``forward_step``: (summed loss, pairs or labelled entries, metrics)."""
 
     def forward_step(batch, model):
         values = model(batch["input_ids"], None, None)  # [B, S, num_outputs] on the last stage
@@ -112,17 +109,32 @@ def make_forward_step(rm: RMSection):
     return forward_step
 
 
-def run(config: RMRunConfig):
-    """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
+def run(config: RMRunConfig) -> Run:
+    """Train; returns the finished :class:`~aligner.trainers.run.Run` (``summary``, ``states["reward_model"]``)."""
+    initialize(tp=config.parallel.tp, pp=config.parallel.pp, seed=config.trainer.seed)
+    # data
     kind = "preference" if config.rm.kind == "pairwise" else "regression"
     names = config.rm.attribute_names if kind == "regression" else ()
-    train, val, model = prepare_run(config, kind, names, num_value_outputs=config.rm.num_outputs)
-    return fit(config, model, make_forward_step(config.rm), *make_loaders(config, train, val))
+    tokenizer, train, val = load_splits(config.model, config.data, kind, names)
+    train_loader, val_loader = make_loaders(config.trainer, config.data, train, val)
+    # model: the backbone with a scalar head per output
+    model = build_model_from(
+        config.model, num_value_outputs=config.rm.num_outputs, tp=config.parallel.tp, pp=config.parallel.pp
+    )
+    check_vocab(tokenizer, model)
+    # loop
+    steps = run_length(config.trainer, train_loader)
+    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
+    run = Run(config, {"reward_model": state}, total_steps=steps, data=train_loader)
+    run.resume()
+    return fit(run, state, make_forward_step(config.rm), train_loader, val_loader)
+
+
+RECIPE = cli.Recipe("rm", "Reward model training (pairwise or regression)", RMRunConfig, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    path, overrides = parse_command_line(argv, "Reward model training (pairwise or regression)")
-    report("rm", run(load_config(RMRunConfig, path, overrides)))
+    cli.main(RECIPE, argv)
 
 
 if __name__ == "__main__":

@@ -5,68 +5,68 @@
 Data: ``{"input", "output"}`` or ``{"messages": [...]}`` jsonl (every assistant
 turn is trained, system and user turns are masked). The loss of a step is
 ``sum of NLL over every trained token of the global batch / their number``
-(:func:`aligner.algorithms.sft.sft_loss`; the trainer normalizes globally).
+(:func:`aligner.algorithms.sft.sft_loss`; the step normalizes globally). Token
+log-probs come from the final hidden states through the fused LM head: the
+``[batch, seq, vocab]`` logits are never held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from aligner.algorithms.logprobs import sequence_logprobs
+from aligner import cli
 from aligner.algorithms.sft import sft_loss
-from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
-from aligner.recipes.common import (
-    DataSection,
-    ModelSection,
-    fit,
-    make_loaders,
-    parse_command_line,
-    prepare_run,
-    report,
-    tensor_parallel_group,
-)
+from aligner.config import RunConfig
+from aligner.data import IGNORE_INDEX
+from aligner.data.splits import load_splits, make_loaders
+from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
+from aligner.models.loading import build_model_from, check_vocab
+from aligner.parallel import initialize
+from aligner.trainers.fit import fit
+from aligner.trainers.run import Run, run_length
+from aligner.trainers.state import build_train_state
 
 
 @dataclass
-class SFTRunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+class SFTRunConfig(RunConfig):
+    """Supervised fine-tuning: the shared sections only."""
 
 
-def make_forward_step(vocab_size: int, tp_group):
-    """The trainer's ``forward_step`` for SFT: (summed NLL, trained tokens, metrics)."""
+def forward_step(batch, model):
+    """The step's ``forward_step`` for SFT: (summed NLL, trained tokens, no metrics)."""
+    hidden = lm_hidden_states(model, batch["input_ids"])
 
-    def forward_step(batch, model):
-        logits = model(batch["input_ids"], None, None)  # [B, S, V / tp] on the last stage
+    def loss_func(hidden):
+        token_logps = lm_token_logprobs(model, hidden, batch["labels"])
+        nll, metrics = sft_loss(token_logps, batch["labels"] != IGNORE_INDEX)
+        return nll.sum(), metrics["num_tokens"], {}
 
-        def loss_func(logits: torch.Tensor):
-            token_logps, _, _ = sequence_logprobs(logits, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
-            nll, metrics = sft_loss(token_logps, batch["labels"] != -100)
-            return nll.sum(), metrics["num_tokens"], {}
-
-        return logits, loss_func
-
-    return forward_step
+    return hidden, loss_func
 
 
-def run(config: SFTRunConfig):
-    """Train; returns the fitted :class:`~aligner.trainers.offline.OfflineTrainer` (``summary``, ``model``)."""
-    train, val, model = prepare_run(config, "sft")
-    forward_step = make_forward_step(model.aligner_config.vocab_size, tensor_parallel_group())
-    return fit(config, model, forward_step, *make_loaders(config, train, val))
+def run(config: SFTRunConfig) -> Run:
+    """Train; returns the finished :class:`~aligner.trainers.run.Run` (``summary``, ``states["policy"]``)."""
+    initialize(tp=config.parallel.tp, pp=config.parallel.pp, seed=config.trainer.seed)
+    # data
+    tokenizer, train, val = load_splits(config.model, config.data, "sft")
+    train_loader, val_loader = make_loaders(config.trainer, config.data, train, val)
+    # model
+    model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
+    check_vocab(tokenizer, model)
+    steps = run_length(config.trainer, train_loader)
+    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
+    # loop
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    run.resume()
+    return fit(run, state, forward_step, train_loader, val_loader)
+
+
+RECIPE = cli.Recipe("sft", "Supervised fine-tuning (SFT)", SFTRunConfig, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    path, overrides = parse_command_line(argv, "Supervised fine-tuning (SFT)")
-    report("sft", run(load_config(SFTRunConfig, path, overrides)))
+    cli.main(RECIPE, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The recipe (Dong et al., 2023; NeMo-Aligner), on attribute data
    (``rm.kind: regression``);
 2. each training and validation record gets its attribute values: the dataset's
    own labels, or, with ``steerlm.annotate_rm_checkpoint``, that reward model's
-   predictions (:func:`aligner.algorithms.steerlm.annotate`: clamped to 0..4 and
+   predictions (:func:`annotate`: clamped to 0..4 and
    rounded), which replace the labels;
 3. each record becomes an SFT conversation whose system turn starts with its
    attribute line (:func:`aligner.algorithms.steerlm.conditioned_prompt`), and
@@ -30,41 +30,39 @@ been written at any parallel layout (distributed checkpoints are resliced).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from aligner import cli
+from aligner.algorithms.logprobs import last_token_values
 from aligner.algorithms.steerlm import (
+    DEFAULT_ATTRIBUTES,
     Prompt,
-    annotate,
+    attribute_value,
+    check_attribute_names,
     conditioned_prompt,
     format_attributes,
-    generate_with_attributes_batch,
 )
-from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig, load_config
+from aligner.checkpoint import load_model_weights
+from aligner.config import ConfigError, ModelSourceConfig, RunConfig
 from aligner.data import HELPSTEER2_ATTRIBUTES, ChatEncoder, EncodedDataset, RegressionRecord, SFTRecord, read_records
-from aligner.recipes.common import (
-    DataSection,
-    ModelSection,
-    build_model_from,
-    check_vocab,
-    fit,
-    load_model_weights,
-    load_tokenizer_for,
-    make_loaders,
-    parse_command_line,
-    report,
-    setup,
-    tensor_parallel_group,
-)
-from aligner.recipes.sft import make_forward_step
+from aligner.data.splits import make_loaders, tokenizer_for
+from aligner.generation.steerlm import generate_with_attributes_batch
+from aligner.models.loading import build_model_from, check_vocab
+from aligner.parallel import initialize
+from aligner.recipes.sft import forward_step
+from aligner.trainers.fit import fit
+from aligner.trainers.run import Run, run_length
+from aligner.trainers.state import build_train_state
 
 log = logging.getLogger("aligner")
 
 
 @dataclass
-class SteerLMSection:
+class SteerLMConfig:
     """Which attributes condition the policy and where their values come from.
 
     Attributes:
@@ -84,7 +82,7 @@ class SteerLMSection:
 
     attribute_names: list[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
     annotate_rm_checkpoint: str | None = None
-    rm_model: ModelSection = field(default_factory=ModelSection)
+    rm_model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     rm_attribute_names: list[str] | None = None
     annotate_batch_size: int = 8
 
@@ -92,29 +90,29 @@ class SteerLMSection:
         try:
             format_attributes(dict.fromkeys(self.attribute_names, 0), self.attribute_names)
         except ValueError as error:
-            raise ValueError(f"steerlm.attribute_names: {error}") from None
+            raise ConfigError(f"steerlm.attribute_names: {error}") from None
         rm_model_set = self.rm_model.hf_path is not None or self.rm_model.config is not None
         if self.annotate_rm_checkpoint is None:
             if rm_model_set or self.rm_attribute_names is not None:
-                raise ValueError(
+                raise ConfigError(
                     "steerlm.rm_model / steerlm.rm_attribute_names describe the annotating reward model; "
                     "set steerlm.annotate_rm_checkpoint too, or leave them unset to use the dataset's labels"
                 )
             return
         if not rm_model_set:
-            raise ValueError(
+            raise ConfigError(
                 "steerlm.annotate_rm_checkpoint needs steerlm.rm_model: the reward model's architecture "
                 "(the model section of its rm run: config or hf_path)"
             )
         unknown = [name for name in self.attribute_names if name not in self.reward_model_outputs]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"steerlm.attribute_names {unknown} are not outputs of the reward model "
                 f"(steerlm.rm_attribute_names = {self.reward_model_outputs}); set rm_attribute_names to the "
                 "rm run's rm.attribute_names"
             )
         if self.annotate_batch_size < 1:
-            raise ValueError(f"steerlm.annotate_batch_size must be >= 1, got {self.annotate_batch_size}")
+            raise ConfigError(f"steerlm.annotate_batch_size must be >= 1, got {self.annotate_batch_size}")
 
     @property
     def reward_model_outputs(self) -> list[str]:
@@ -123,15 +121,14 @@ class SteerLMSection:
 
 
 @dataclass
-class SteerLMRunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    steerlm: SteerLMSection = field(default_factory=SteerLMSection)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+class SteerLMRunConfig(RunConfig):
+    """SteerLM: attribute-conditioned supervised fine-tuning.
+
+    Attributes:
+        steerlm: which attributes condition the policy and where their values come from.
+    """
+
+    steerlm: SteerLMConfig = field(default_factory=SteerLMConfig)
 
 
 def conditioned_sft_records(records: Sequence[RegressionRecord], names: Sequence[str]) -> list[SFTRecord]:
@@ -158,6 +155,95 @@ def conditioned_sft_records(records: Sequence[RegressionRecord], names: Sequence
     return conversations
 
 
+def _check_single_stage(what: str) -> None:
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    if pp > 1 or cp > 1:
+        raise NotImplementedError(
+            f"{what} runs with tensor parallelism only; got pipeline-parallel size {pp} and context-parallel size {cp}"
+        )
+
+
+@torch.no_grad()
+def annotate(
+    records: Sequence[Mapping[str, Any]],
+    reward_model: torch.nn.Module,
+    encode: Callable[[Mapping[str, Any]], Sequence[int]] | Sequence[Sequence[int]],
+    *,
+    names: Sequence[str] = DEFAULT_ATTRIBUTES,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> list[dict[str, Any]]:
+    """Label each record with the attribute values a regression reward model predicts.
+
+    Each record's prompt+response tokens run through the model in right-padded
+    batches; its ``K`` outputs at the last real token (position ``length - 1``)
+    become the attribute values, clamped to ``0..4`` and rounded half up. The
+    model runs in eval mode and is put back in its former mode afterwards. A
+    collective over the tensor-parallel group when it has several ranks.
+
+    Args:
+        records: the examples (e.g. ``{"prompt", "response", ...}``), passed through.
+        reward_model: a model from :func:`aligner.models.gpt.build_model` with
+            ``num_value_outputs=len(names)`` (this rank's tensor-parallel shard).
+        encode: a function from a record to its prompt+response token ids (the
+            chat template and tokenizer used to train the reward model), or the
+            token id lists themselves, one per record.
+        names: the model's outputs, in order.
+        batch_size: records per forward.
+        pad_token_id: the id right-padding fills with (never read: attention is causal).
+
+    Returns:
+        New dicts, one per record: the record's fields with ``"attributes"``
+        replaced by ``{name: int}`` predictions.
+
+    Raises:
+        ValueError: bad ``names``, ``batch_size < 1``, a token list count other than
+            ``len(records)``, an empty token list, a model whose output count is
+            not ``len(names)``.
+        NotImplementedError: pipeline- or context-parallel size above 1.
+    """
+    check_attribute_names(names)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if callable(encode):
+        token_ids = [list(encode(record)) for record in records]
+    else:
+        token_ids = [list(ids) for ids in encode]
+        if len(token_ids) != len(records):
+            raise ValueError(f"got {len(token_ids)} token id lists for {len(records)} records")
+    empty = [index for index, ids in enumerate(token_ids) if not ids]
+    if empty:
+        raise ValueError(f"record(s) {empty[:8]} encode to no tokens")
+    _check_single_stage("annotate")
+    device = next(reward_model.parameters()).device
+    was_training = reward_model.training
+    reward_model.eval()
+    annotated = []
+    try:
+        for first in range(0, len(records), batch_size):
+            chunk = token_ids[first : first + batch_size]
+            lengths = torch.tensor([len(ids) for ids in chunk], dtype=torch.long, device=device)
+            input_ids = torch.full((len(chunk), int(lengths.max())), pad_token_id, dtype=torch.long, device=device)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            values = reward_model(input_ids, None, None)  # [b, s, K]
+            if values.shape[-1] != len(names):
+                raise ValueError(
+                    f"the reward model has {values.shape[-1]} outputs but {len(names)} attribute names were given "
+                    f"({list(names)}); build it with num_value_outputs={len(names)}"
+                )
+            scores = last_token_values(values.float(), lengths).cpu()  # [b, K]
+            for offset, row_scores in enumerate(scores.tolist()):
+                predicted = {name: attribute_value(score) for name, score in zip(names, row_scores, strict=True)}
+                annotated.append({**records[first + offset], "attributes": predicted})
+    finally:
+        reward_model.train(was_training)
+    return annotated
+
+
 def annotate_records(
     records: Sequence[RegressionRecord],
     reward_model: torch.nn.Module,
@@ -171,7 +257,7 @@ def annotate_records(
 
     Each record's prompt and response are rendered with the tokenizer's chat
     template (as the reward model was trained), cut to ``max_length`` tokens,
-    and scored at their last token (:func:`aligner.algorithms.steerlm.annotate`).
+    and scored at their last token (:func:`annotate`).
 
     Args:
         records: attribute records (their labels are ignored).
@@ -185,7 +271,7 @@ def annotate_records(
         New records whose ``attributes`` are ``{name: int in 0..4}`` for every name.
 
     Raises:
-        ValueError, NotImplementedError: see :func:`aligner.algorithms.steerlm.annotate`.
+        ValueError, NotImplementedError: see :func:`annotate`.
     """
     encoder = ChatEncoder(tokenizer)
     token_ids = [
@@ -203,7 +289,7 @@ def annotate_records(
     return [RegressionRecord(**row) for row in rows]
 
 
-def load_reward_model(section: SteerLMSection, tp: int = 1, pp: int = 1) -> torch.nn.Module:
+def load_reward_model(section: SteerLMConfig, tp: int = 1, pp: int = 1) -> torch.nn.Module:
     """The annotating reward model: ``section.rm_model``'s architecture with the checkpoint's weights."""
     reward_model = build_model_from(section.rm_model, num_value_outputs=len(section.reward_model_outputs), tp=tp, pp=pp)
     load_model_weights(section.annotate_rm_checkpoint, reward_model)
@@ -269,16 +355,16 @@ def _log_annotation(path: str, records: Sequence[RegressionRecord], names: Seque
     log.info("%s: annotated %d records; mean %s", path, len(records), means)
 
 
-def run(config: SteerLMRunConfig):
-    """Label, then train; returns the :class:`~aligner.trainers.offline.OfflineTrainer` after ``fit``."""
-    setup(config.parallel, config.trainer)
-
+def run(config: SteerLMRunConfig) -> Run:
+    """Label, then train; returns the finished :class:`~aligner.trainers.run.Run` (``states["policy"]``)."""
+    initialize(tp=config.parallel.tp, pp=config.parallel.pp, seed=config.trainer.seed)
+    # data: records, labelled by the reward model when asked (before the policy exists: the two
+    # models are never in memory together), then rendered as attribute-conditioned conversations
     section, data = config.steerlm, config.data
-    tokenizer = load_tokenizer_for(config.model, data)
+    tokenizer = tokenizer_for(config.model, data)
     splits = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
     records = {split: read_records(path, "regression", reader=data.reader) for split, path in splits.items()}
     if section.annotate_rm_checkpoint is not None:
-        # Annotate before the policy exists: the two models are never in memory together.
         reward_model = load_reward_model(section, tp=config.parallel.tp, pp=config.parallel.pp)
         check_vocab(tokenizer, reward_model)
         for split in records:
@@ -301,16 +387,23 @@ def run(config: SteerLMRunConfig):
             over_length=data.over_length,
         )
         log.info("%s: %s", splits[split], encoded[split].report)
-
+    train_loader, val_loader = make_loaders(config.trainer, data, encoded["train"], encoded.get("val"))
+    # model
     model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
     check_vocab(tokenizer, model)
-    forward_step = make_forward_step(model.aligner_config.vocab_size, tensor_parallel_group())
-    return fit(config, model, forward_step, *make_loaders(config, encoded["train"], encoded.get("val")))
+    # loop: plain SFT on the conditioned conversations
+    steps = run_length(config.trainer, train_loader)
+    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    run.resume()
+    return fit(run, state, forward_step, train_loader, val_loader)
+
+
+RECIPE = cli.Recipe("steerlm", "SteerLM: attribute-conditioned supervised fine-tuning", SteerLMRunConfig, run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    path, overrides = parse_command_line(argv, "SteerLM: attribute-conditioned supervised fine-tuning")
-    report("steerlm", run(load_config(SteerLMRunConfig, path, overrides)))
+    cli.main(RECIPE, argv)
 
 
 if __name__ == "__main__":

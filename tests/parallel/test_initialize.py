@@ -29,8 +29,7 @@ def worker():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from aligner.models import megatron_cpu
-    from aligner.parallel import destroy
+    from aligner.parallel import destroy, megatron_cpu
 
     initialize(pp=2, seed=42)
     default_draw = torch.rand(3)

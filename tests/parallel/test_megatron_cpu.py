@@ -4,7 +4,7 @@ import pytest
 import torch
 from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
-from aligner.models import megatron_cpu
+from aligner.parallel import megatron_cpu
 
 
 def _patched_objects():

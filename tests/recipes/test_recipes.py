@@ -24,18 +24,16 @@ pytestmark = pytest.mark.slow
 
 def recipe_worker(recipe: str, config_file: str, overrides: list[str], probe_tokens=None):
     """Run ``aligner.recipes.<recipe>`` in this process; return its histories (and logits of ``probe_tokens``)."""
-    import importlib
-
     from aligner.config import load_config
+    from aligner.recipes import get_recipe
 
-    module = importlib.import_module(f"aligner.recipes.{recipe}")
-    schema = next(getattr(module, name) for name in dir(module) if name.endswith("RunConfig"))
-    trainer = module.run(load_config(schema, CONFIGS / config_file, overrides))
-    result = {"history": trainer.summary.history, "val": trainer.summary.val_history}
+    entry = get_recipe(recipe)
+    run = entry.run(load_config(entry.config_class, CONFIGS / config_file, overrides))
+    result = {"history": run.summary.history, "val": run.summary.val_history}
     if probe_tokens is not None:
         from megatron.core import parallel_state
 
-        model = trainer.model.eval()
+        model = run.states["policy"].model.eval()
         with torch.no_grad():
             logits = model(probe_tokens, None, None, runtime_gather_output=True)
         if parallel_state.is_pipeline_last_stage():

@@ -46,17 +46,18 @@ def rm_worker(overrides: list[str]) -> None:
 
 def steerlm_worker(overrides: list[str], prompts: list[str]) -> dict:
     """Annotate + train with the tiny config; the training records' attribute lines and greedy responses."""
-    from aligner.algorithms.steerlm import generate_with_attributes
     from aligner.data import load_tokenizer
+    from aligner.generation.steerlm import generate_with_attributes
     from aligner.recipes import steerlm
 
     config = load_config(steerlm.SteerLMRunConfig, CONFIGS / "steerlm_tiny.yaml", overrides)
-    trainer = steerlm.run(config)
+    run = steerlm.run(config)
+    policy = run.states["policy"].model
     tokenizer = load_tokenizer(config.data.tokenizer)
     names = config.steerlm.attribute_names
     responses = {
         verbosity: steerlm.steer(
-            trainer.model,
+            policy,
             tokenizer,
             prompts,
             {"correctness": 4, "verbosity": verbosity},
@@ -67,7 +68,7 @@ def steerlm_worker(overrides: list[str], prompts: list[str]) -> dict:
     }
     one_by_one = [
         generate_with_attributes(
-            trainer.model,
+            policy,
             tokenizer,
             [{"role": "user", "content": prompt}],
             {"correctness": 4, "verbosity": 4},
@@ -78,10 +79,10 @@ def steerlm_worker(overrides: list[str], prompts: list[str]) -> dict:
         for prompt in prompts[:3]
     ]
     return {
-        "system_turns": [record.messages[0]["content"] for record in trainer.train_data.dataset.records],
+        "system_turns": [record.messages[0]["content"] for record in run.data.dataset.records],
         "responses": responses,
         "one_by_one": one_by_one,
-        "history": trainer.summary.history,
+        "history": run.summary.history,
     }
 
 

@@ -10,15 +10,18 @@
 - :func:`random_full_state_dict` / :func:`make_model`: the same weights on any
   tensor/pipeline layout.
 - :func:`optimizer_shards`: a distributed optimizer's state on one rank, for checkpoint tests.
+- :class:`OfflineLoop`: the offline loop as a recipe composes it (train state, run,
+  :func:`aligner.trainers.fit.fit`), behind one object the trainer tests drive.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from model_weights import random_full_state_dict
 
+from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainerConfig
 from aligner.models.config import ModelConfig
 
 CONFIG = ModelConfig(
@@ -153,3 +156,51 @@ def optimizer_shards(optimizer) -> list[torch.Tensor]:
                 tensors.append(param.detach().cpu().clone())
                 tensors.extend(chained.optimizer.state[param][key].cpu().clone() for key in ("exp_avg", "exp_avg_sq"))
     return tensors
+
+
+@dataclass
+class LoopConfig:
+    """The sections a run reads; a dataclass, so that checkpoints write it as config.yaml."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(progress_bar=False))
+
+
+class OfflineLoop:
+    """One trained model on ``data``, composed as the recipes do; resumes on construction, trains on :meth:`fit`."""
+
+    def __init__(self, model, forward_step, data, *, trainer, optim, checkpoint=None, logging=None, val_data=None):
+        from aligner.trainers.run import Run, run_length
+        from aligner.trainers.state import build_train_state
+
+        config = LoopConfig(trainer, optim, checkpoint or CheckpointConfig())
+        if logging is not None:
+            config.logging = logging
+        steps = run_length(trainer, data)
+        self.state = build_train_state(model, optim, total_steps=steps, bf16=trainer.bf16)
+        self.run = Run(config, {"policy": self.state}, total_steps=steps, data=data)
+        self.run.resume()
+        self.forward_step, self.data, self.val_data = forward_step, data, val_data
+
+    def fit(self):
+        from aligner.trainers.fit import fit
+
+        return fit(self.run, self.state, self.forward_step, self.data, self.val_data).summary
+
+    @property
+    def model(self):
+        return self.state.model
+
+    @property
+    def optimizer(self):
+        return self.state.optimizer
+
+    @property
+    def step(self) -> int:
+        return self.run.step
+
+    @property
+    def summary(self):
+        return self.run.summary

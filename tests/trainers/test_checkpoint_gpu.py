@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model, optimizer_shards
+from lm_task import Interrupted, OfflineLoop, TokenSteps, lm_forward_step, make_model, optimizer_shards
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,10 +28,9 @@ def worker(dtype: str, seed: int, checkpoint_dir: str | None, fail_at: int | Non
     from aligner.config import CheckpointConfig, OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
-    from aligner.trainers.offline import OfflineTrainer
 
     initialize(seed=seed)
-    trainer = OfflineTrainer(
+    trainer = OfflineLoop(
         make_model(seed, params_dtype=dtype),
         lm_forward_step,
         TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, fail_at=fail_at),

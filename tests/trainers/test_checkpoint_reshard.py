@@ -11,7 +11,7 @@ The same holds with megatron's distributed optimizer (the GPU configuration:
 Adam state and fp32 main weights sharded over data-parallel ranks, saved in its
 ``fully_reshardable`` form). It accepts parameters by their type string alone
 (``torch.cuda.FloatTensor``); reporting CPU tensors as such lets its sharding
-and checkpoint code run here on the CPU, under aligner.models.megatron_cpu.
+and checkpoint code run here on the CPU, under aligner.parallel.megatron_cpu.
 On the layout that wrote it, its resume is bitwise the uninterrupted run.
 """
 
@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model, optimizer_shards
+from lm_task import Interrupted, OfflineLoop, TokenSteps, lm_forward_step, make_model, optimizer_shards
 
 STEPS, SAVED_AT, GLOBAL_BATCH, MICRO_BATCH = 4, 2, 8, 2
 LOSS_RTOL = 1e-5  # as test_offline_parallel: a few ulps per re-associated fp32 sum, over 4 steps
@@ -72,13 +72,12 @@ def worker(
     from aligner.config import CheckpointConfig, OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
-    from aligner.trainers.offline import OfflineTrainer
 
     initialize(tp=tp, pp=pp)
     if distributed_optimizer:
         _report_cpu_tensors_as_cuda()
     dp = {"dp_rank": parallel_state.get_data_parallel_rank(), "dp_size": parallel_state.get_data_parallel_world_size()}
-    trainer = OfflineTrainer(
+    trainer = OfflineLoop(
         make_model(seed),
         lm_forward_step,
         TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, fail_at=fail_at, **dp),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import Interrupted, TokenSteps, lm_forward_step, make_model
+from lm_task import Interrupted, OfflineLoop, TokenSteps, lm_forward_step, make_model
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 6, 4, 2
 CRASH_EXIT_CODE = 17
@@ -21,9 +21,8 @@ def _trainer(
     seed: int, checkpoint_dir: str | None, data: TokenSteps, save_every: int, keep_last: int = 3, export_hf=False
 ):
     from aligner.config import CheckpointConfig, OptimConfig, TrainerConfig
-    from aligner.trainers.offline import OfflineTrainer
 
-    return OfflineTrainer(
+    return OfflineLoop(
         make_model(seed, hidden_dropout=0.1, attention_dropout=0.1),
         lm_forward_step,
         data,

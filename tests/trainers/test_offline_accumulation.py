@@ -10,7 +10,7 @@ per-micro-batch means (the bug this guards against).
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import TokenSteps, lm_forward_step, make_model
+from lm_task import OfflineLoop, TokenSteps, lm_forward_step, make_model
 
 GLOBAL_BATCH, MICRO_BATCH, STEPS = 8, 2, 2
 # fp32: splitting the batch only re-associates the sums of losses and gradients
@@ -60,13 +60,12 @@ def worker(seed: int):
     from aligner.config import OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
-    from aligner.trainers.offline import OfflineTrainer
 
     initialize()
     data_seed = seed + 1
 
     def run(micro_batch_size: int, steps: int, clip_grad: float):
-        trainer = OfflineTrainer(
+        trainer = OfflineLoop(
             make_model(seed),
             lm_forward_step,
             TokenSteps(STEPS, GLOBAL_BATCH, micro_batch_size, seed=data_seed),

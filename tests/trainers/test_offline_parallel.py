@@ -13,7 +13,7 @@ Each run also saves a checkpoint from every rank and reloads it into a new train
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import TokenSteps, lm_forward_step, make_model
+from lm_task import OfflineLoop, TokenSteps, lm_forward_step, make_model
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH = 3, 8, 2
 VAL_STEPS = 2
@@ -31,13 +31,12 @@ def worker(tp: int, pp: int, seed: int, checkpoint_dir: str, tensorboard_dir: st
     from aligner.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
-    from aligner.trainers.offline import OfflineTrainer
 
     initialize(tp=tp, pp=pp)
     dp = {"dp_rank": parallel_state.get_data_parallel_rank(), "dp_size": parallel_state.get_data_parallel_world_size()}
 
     def make_trainer(model_seed: int):
-        return OfflineTrainer(
+        return OfflineLoop(
             make_model(model_seed),
             lm_forward_step,
             TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, **dp),

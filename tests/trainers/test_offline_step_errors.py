@@ -3,7 +3,7 @@
 import pytest
 import torch
 from distributed import run_distributed
-from lm_task import TokenSteps, lm_forward_step, make_model
+from lm_task import OfflineLoop, TokenSteps, lm_forward_step, make_model
 
 GLOBAL_BATCH, MICRO_BATCH = 4, 2
 
@@ -12,12 +12,11 @@ def worker(seed: int):
     from aligner.config import OptimConfig, TrainerConfig
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
-    from aligner.trainers.offline import OfflineTrainer
 
     initialize()
 
     def trainer(data, max_steps, micro_batch_size=MICRO_BATCH):
-        return OfflineTrainer(
+        return OfflineLoop(
             make_model(seed),
             lm_forward_step,
             data,
