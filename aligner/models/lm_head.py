@@ -177,6 +177,39 @@ def _check_labels(labels: Tensor, hidden: Tensor, vocab_size: int) -> None:
         )
 
 
+def _head(
+    gpt: GPTModel, hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int, temperature: float, entropy: bool
+):
+    """The fused head over ``hidden [..., H]`` and this rank's (padded) output weight, for ``labels [...]``."""
+    tp_group = gpt.pg_collection.tp
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    if tp == 1:
+        return linear_token_logprobs(
+            hidden,
+            weight[:vocab_size],
+            labels,
+            temperature=temperature,
+            ignore_index=IGNORE_INDEX,
+            return_entropy=entropy,
+        )
+    shard_rows = weight.shape[0]
+    vocab_start = dist.get_rank(tp_group) * shard_rows
+    real_rows = max(0, min(shard_rows, vocab_size - vocab_start))
+    return vocab_parallel_linear_token_logprobs(
+        hidden,
+        weight[:real_rows],
+        labels,
+        tp_group,
+        temperature=temperature,
+        ignore_index=IGNORE_INDEX,
+        return_entropy=entropy,
+        # Under sequence parallelism the gather in lm_hidden_states reduce-scatters the gradient.
+        all_reduce_grad_hidden=not gpt.config.sequence_parallel,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
+
+
 def lm_token_logprobs(
     model: torch.nn.Module,
     hidden: Tensor,
@@ -192,7 +225,9 @@ def lm_token_logprobs(
     (ids ``>= model.aligner_config.vocab_size``) carry no probability mass, as in the logits
     path with ``mask_padded_vocab``. Computed by the chunked fused head (see the module
     docstring); differentiable w.r.t. ``hidden`` and ``W``, and ``hidden``'s gradient is the
-    full one on every tensor-parallel rank (as megatron's output layer makes it).
+    full one on every tensor-parallel rank (as megatron's output layer makes it). Without
+    ``return_entropy`` only the positions with a label go through the head (prompt and
+    padding rows cost nothing); with it, every position does (entropy is defined everywhere).
 
     Args:
         model: the GPTModel (or a wrapper of it) on its last pipeline stage.
@@ -220,34 +255,17 @@ def lm_token_logprobs(
     _check_labels(labels, hidden, vocab_size)
     weight = _output_weight(gpt)
     labels_sb = labels.t()  # [S, B], the rows of hidden; transposing ids is cheaper than the hidden states
-    tp_group = gpt.pg_collection.tp
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    if tp == 1:
-        out = linear_token_logprobs(
-            hidden,
-            weight[:vocab_size],
-            labels_sb,
-            temperature=temperature,
-            ignore_index=IGNORE_INDEX,
-            return_entropy=return_entropy,
-        )
-    else:
-        shard_rows = weight.shape[0]
-        vocab_start = dist.get_rank(tp_group) * shard_rows
-        real_rows = max(0, min(shard_rows, vocab_size - vocab_start))
-        out = vocab_parallel_linear_token_logprobs(
-            hidden,
-            weight[:real_rows],
-            labels_sb,
-            tp_group,
-            temperature=temperature,
-            ignore_index=IGNORE_INDEX,
-            return_entropy=return_entropy,
-            # Under sequence parallelism the gather in lm_hidden_states reduce-scatters the gradient.
-            all_reduce_grad_hidden=not gpt.config.sequence_parallel,
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
-        )
+    if not return_entropy:
+        # Only trained positions need the head: prompt and padding rows (label -100) are left out of
+        # the [rows, V] products, forward and backward (a DPO or SFT batch is often half prompt).
+        flat_labels = labels_sb.reshape(-1)
+        rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        if 0 < rows.numel() < flat_labels.numel():
+            hidden_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+            picked = _head(gpt, hidden_rows, weight, flat_labels.index_select(0, rows), vocab_size, temperature, False)
+            logprobs = picked.new_zeros(flat_labels.shape).index_copy(0, rows, picked)
+            return logprobs.view(labels_sb.shape).t().contiguous()
+    out = _head(gpt, hidden, weight, labels_sb, vocab_size, temperature, return_entropy)
     if return_entropy:
         logprobs, entropy = out
         return logprobs.t().contiguous(), entropy.t().contiguous()
