@@ -2,8 +2,9 @@
 # installs torch and the package on first use.
 #   make test    build + every CPU test + a quick kernel benchmark table
 #   make bench   the full kernel benchmarks; writes bench/RESULTS.md
+#   make bench-peers  a DPO step against TRL's DPOTrainer (installs TRL); writes bench/RESULTS.md
 #   make demo    the main job end to end: synthetic data + tokenizer, SFT then DPO
-#                of a tiny model with torchrun on 2 CPU processes (a few minutes)
+#                of a tiny model on 2 CPU processes (a few minutes)
 #   make lint    ruff (lint + format check) and clang-format
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-cuda bench demo lint format clean
+.PHONY: install test test-cuda bench bench-peers demo lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,16 +48,25 @@ test-cuda: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/sft_step_memory.py
+
+# The [peers] extra of pyproject.toml (keep the two in step), installed by name: `pip install -e ".[peers]"`
+# would rebuild the package. Both accept the installed torch, so pip keeps it (`pip install --dry-run` shows).
+PEERS_SPEC ?= trl==1.16.0 accelerate==1.16.0
+bench-peers: install
+	$(PY) -m pip install -q $(PEERS_SPEC)
+	$(PY) bench/peers_dpo.py
 
 DEMO_DIR ?= .demo
 NPROC ?= 2
-TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+# torchrun's launcher (same options), ending a failed run with the worker's message (aligner/launch.py)
+LAUNCH := $(PY) -m aligner.launch --standalone --nproc_per_node=$(NPROC)
 
 demo: install
 	rm -rf $(DEMO_DIR)/runs
 	$(PY) -m aligner.recipes.prepare_demo --out $(DEMO_DIR)
-	$(TORCHRUN) -m aligner.recipes.sft --config configs/sft_tiny.yaml
-	$(TORCHRUN) -m aligner.recipes.dpo --config configs/dpo_tiny.yaml
+	$(LAUNCH) -m aligner.recipes.sft --config configs/sft_tiny.yaml
+	$(LAUNCH) -m aligner.recipes.dpo --config configs/dpo_tiny.yaml
 
 lint: install
 	$(VENV)/bin/ruff check aligner tests bench setup.py

@@ -275,7 +275,8 @@ def _ms(seconds: float) -> str:
     return f"{ms:.3g}"
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes in GiB, MiB or KiB (3 significant digits)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             value = n / size
@@ -293,7 +294,8 @@ def _ratio(result: GroupResult, target: Target) -> float | None:
     return rows[target.numerator].median_s / rows[target.denominator].median_s
 
 
-def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
@@ -327,17 +329,25 @@ def timing_table(results: Sequence[GroupResult]) -> str:
                     _ms(q3 - q1),
                     f"{_ms(min(m.times_s))}–{_ms(max(m.times_s))}",
                     str(len(m.times_s)),
-                    _bytes(m.peak_bytes),
+                    format_bytes(m.peak_bytes),
                     f"{m.gb_per_s:.3g}",
                     f"{baseline.median_s / m.median_s:.2f}x",
                     mem_ratio,
                 )
             )
-    return _markdown(header, body)
+    return markdown_table(header, body)
 
 
-def target_table(results: Sequence[GroupResult]) -> str:
-    """One markdown row per target: the measured ratio and whether it is met."""
+QUICK_VERDICT = "n/a at quick size"
+
+
+def target_table(results: Sequence[GroupResult], *, judge: bool | None = None) -> str:
+    """One markdown row per target: the measured ratio and whether it is met.
+
+    The targets are set for the full sizes: unless `judge` (default: not QUICK),
+    the ratio is shown with the verdict QUICK_VERDICT, never "met" or "MISSED".
+    """
+    judge = not QUICK if judge is None else judge
     body = []
     for result in results:
         for target in result.spec.targets:
@@ -347,9 +357,9 @@ def target_table(results: Sequence[GroupResult]) -> str:
             else:
                 measured = f"{100 * ratio:.3g}%" if target.quantity == "memory" else f"{ratio:.2f}x"
                 met = ratio >= target.bound if target.at_least else ratio <= target.bound
-                verdict = "met" if met else "MISSED"
+                verdict = ("met" if met else "MISSED") if judge else QUICK_VERDICT
             body.append((result.spec.title, target.text, measured, verdict))
-    return _markdown(("benchmark", "target", "measured", "verdict"), body)
+    return markdown_table(("benchmark", "target", "measured", "verdict"), body)
 
 
 def report(results: Sequence[GroupResult]) -> str:
@@ -363,7 +373,7 @@ def report(results: Sequence[GroupResult]) -> str:
     ]
     parts += [f"### {name}\n\n{timing_table(group)}" for name, group in sections.items()]
     if any(result.spec.targets for result in results):
-        caveat = "\n\nThe targets are set for the full sizes; at quick sizes they are indicative only." if QUICK else ""
+        caveat = "\n\nThe targets are set for the full sizes: quick sizes show the ratios, unjudged." if QUICK else ""
         parts.append(f"### Targets{caveat}\n\n{target_table(results)}")
     return "\n\n".join(parts)
 
@@ -427,10 +437,11 @@ def provenance(device: torch.device) -> dict[str, str]:
 
 RESULTS_HEADER = """# Benchmark results
 
-Written by `bench/run.py` (`make bench`); do not edit by hand. Each section below
-is one run on one kind of device; every ratio compares rows measured in that same
-run. How times, peak extra memory and GB/s are measured: see the docstring of
-`bench/harness.py`.
+Written by the scripts of `bench/` (`make bench`: `bench/run.py`; `make bench-peers`:
+`bench/peers_dpo.py`); do not edit by hand. Each section below is one run on one
+kind of device; every ratio compares rows measured in that same run. How times,
+peak extra memory and GB/s are measured: see the docstring of `bench/harness.py`
+(and of the script named in the section's command).
 """
 
 _SECTION = re.compile(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->\n", re.DOTALL)
