@@ -189,6 +189,9 @@ class TrainerConfig:
         seed: the run's seed (process groups, sampler shuffling).
         bf16: bfloat16 weights and activations with fp32 main weights in the
             optimizer (GPU); the model must be built with ``params_dtype: bfloat16``.
+        divergence_patience: stop the run (an error naming the step) when for this many consecutive
+            steps the gradient norm is exactly 0 or a language model's loss sits at the uniform value
+            ln(vocab_size); 0 disables (a non-finite loss or gradient always stops it).
     """
 
     global_batch_size: int = 64
@@ -200,6 +203,7 @@ class TrainerConfig:
     log_every: int = 1
     seed: int = 1234
     bf16: bool = False
+    divergence_patience: int = 10
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -213,6 +217,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.max_epochs < 1 or self.log_every < 1:
             raise ConfigError("trainer.max_epochs and trainer.log_every must be >= 1")
+        if self.divergence_patience < 0:
+            raise ConfigError(f"trainer.divergence_patience must be >= 0, got {self.divergence_patience}")
         if self.val_every < 0 or (self.val_batches is not None and self.val_batches < 1):
             raise ConfigError("trainer.val_every must be >= 0 and trainer.val_batches >= 1 or null")
 
@@ -226,7 +232,10 @@ class CheckpointConfig:
         save_every: save every this many steps; 0 saves only at the end. The
             last step is always saved when ``dir`` is set.
         keep_last: keep this many most recent checkpoints.
-        resume: continue from ``<dir>/latest`` when it exists.
+        resume: continue from ``<dir>``'s newest intact checkpoint when there is one (a damaged one is
+            reported and skipped).
+        resume_from: a checkpoint folder (``.../step_000120``) or root to resume from instead; it must be
+            intact. Needs ``dir`` (where the run goes on saving).
         export_hf_at_end: also write a Hugging Face checkpoint to ``<dir>/hf`` at
             the end (language models only).
     """
@@ -235,11 +244,14 @@ class CheckpointConfig:
     save_every: int = 0
     keep_last: int = 3
     resume: bool = True
+    resume_from: str | None = None
     export_hf_at_end: bool = False
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.keep_last < 1:
             raise ConfigError("checkpoint.save_every must be >= 0 and checkpoint.keep_last >= 1")
+        if self.resume_from is not None and self.dir is None:
+            raise ConfigError("checkpoint.resume_from needs checkpoint.dir (where the resumed run saves)")
 
 
 @dataclass

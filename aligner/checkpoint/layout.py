@@ -53,6 +53,28 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
+def checkpoints_newest_first(root: str | Path) -> list[Path]:
+    """The complete checkpoints of ``root`` that a resume may use, newest first.
+
+    ``latest``'s checkpoint and the earlier ``step_*`` directories; later ones (an
+    abandoned run's, when ``latest`` names an earlier step) are not candidates.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            steps.append((int(match.group(1)), entry))
+    pointer = root / LATEST
+    if pointer.is_file():
+        match = _STEP_DIR.match(pointer.read_text().strip())
+        if match:
+            steps = [(step, path) for step, path in steps if step <= int(match.group(1))]
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
 def commit(tmp_dir: Path, step: int, keep_last: int) -> Path:
     """Publish a fully written ``tmp_dir`` as the checkpoint of ``step`` (call on one rank only).
 

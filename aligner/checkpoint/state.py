@@ -34,6 +34,7 @@ saved: a recipe rebuilds them from the run's initial weights.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer
 
+from aligner.checkpoint.integrity import verify_checkpoint, write_manifest
 from aligner.checkpoint.layout import commit, latest_checkpoint, step_dir_name, temporary_dir
 from aligner.checkpoint.rng import get_rng_state, set_rng_state
 from aligner.config import config_to_yaml
@@ -162,13 +164,18 @@ def save_checkpoint(
     tmp_dir = Path(names[0])
 
     sharded = _sharded_state(states, run_state, with_optimizer=True, with_rng=True, is_loading=False)
-    dist_checkpointing.save(sharded, str(tmp_dir))  # a collective; returns when every rank's shards are written
+    try:
+        dist_checkpointing.save(sharded, str(tmp_dir))  # a collective; returns when every rank's shards are written
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(error.errno, f"no space left writing the checkpoint of step {step} to {tmp_dir}") from error
+        raise
 
     final = tmp_dir.parent / step_dir_name(step)
     if dist.get_rank() == 0:
         if run_config is not None:
             (tmp_dir / CONFIG).write_text(config_to_yaml(run_config))
-        meta = {
+        meta: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "step": step,
             "states": {
@@ -180,6 +187,8 @@ def save_checkpoint(
             },
             **_layout(),
         }
+    write_manifest(tmp_dir)  # a collective: the ranks share the hashing
+    if dist.get_rank() == 0:
         (tmp_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
         final = commit(tmp_dir, step, keep_last)
     dist.barrier()
@@ -217,6 +226,7 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Any]) -> dict[str, An
     """
     path = Path(path)
     meta = _read_meta(path)
+    verify_checkpoint(path)
     if sorted(meta["states"]) != sorted(states):
         raise ValueError(f"{path} holds the train states {sorted(meta['states'])}, this run has {sorted(states)}")
     saved_layout = {key: meta[key] for key in ("world_size", "tp", "pp", "dp")}
@@ -306,6 +316,7 @@ def load_model_weights(path: str | Path, model: GPTModel, state_name: str | None
             raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a root with a 'latest'")
         path = latest
     names = sorted(_read_meta(path)["states"])
+    verify_checkpoint(path)
     if state_name is None:
         if len(names) != 1:
             raise ValueError(f"{path} holds the train states {names}: name the one to load")

@@ -12,6 +12,7 @@ log-probs come from the final hidden states through the fused LM head: the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,8 @@ def run(config: SFTRunConfig) -> Run:
     steps = run_length(config.trainer, train_loader)
     state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
     # loop
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    uniform_loss = math.log(model.aligner_config.vocab_size)  # a collapsed model's token NLL
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader, uniform_loss=uniform_loss)
     run.resume()
     return fit(run, state, forward_step, train_loader, val_loader)
 

@@ -30,6 +30,7 @@ been written at any parallel layout (distributed checkpoints are resliced).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -394,7 +395,8 @@ def run(config: SteerLMRunConfig) -> Run:
     # loop: plain SFT on the conditioned conversations
     steps = run_length(config.trainer, train_loader)
     state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
+    uniform_loss = math.log(model.aligner_config.vocab_size)  # a collapsed model's token NLL
+    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader, uniform_loss=uniform_loss)
     run.resume()
     return fit(run, state, forward_step, train_loader, val_loader)
 

@@ -21,15 +21,20 @@ with the train states.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from aligner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from aligner.checkpoint import load_checkpoint, save_checkpoint
+from aligner.checkpoint.folder import acquire_lock, check_writable, release_lock
+from aligner.checkpoint.integrity import newest_intact_checkpoint, verify_checkpoint
+from aligner.checkpoint.layout import checkpoints_newest_first
 from aligner.config import ConfigError, TrainerConfig
 from aligner.trainers.logging import MetricsLogger
 from aligner.trainers.state import TrainState
@@ -84,13 +89,29 @@ class Run:
         data: the training data source, registered as ``data`` (its position is
             checkpointed); it needs ``state_dict`` / ``load_state_dict`` when
             checkpointing.
+        uniform_loss: a language model's loss when it predicts the uniform
+            distribution, ``ln(vocab_size)`` (token-NLL losses); a loss that sits
+            there for ``trainer.divergence_patience`` steps stops the run. None: no such check.
+
+    With ``checkpoint.dir`` set, the folder is checked before step 1 (a collective):
+    writable, free space for one more checkpoint, and not in use by another run
+    (:mod:`aligner.checkpoint.folder`; the lock is released by :meth:`finish`).
 
     Raises:
-        ConfigError: checkpointing with a data source that has no state, or
-            ``checkpoint.export_hf_at_end`` without a language model among ``states``.
+        ConfigError: checkpointing with a data source that has no state,
+            ``checkpoint.export_hf_at_end`` without a language model among ``states``,
+            or a checkpoint folder that is not writable, too full or in use.
     """
 
-    def __init__(self, config: Any, states: dict[str, TrainState], *, total_steps: int, data: Any = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        states: dict[str, TrainState],
+        *,
+        total_steps: int,
+        data: Any = None,
+        uniform_loss: float | None = None,
+    ) -> None:
         self.config = config
         self.trainer: TrainerConfig = config.trainer
         self.checkpointing = config.checkpoint.dir is not None
@@ -119,6 +140,35 @@ class Run:
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
         )
+        self._guard = DivergenceGuard(self.trainer.divergence_patience, uniform_loss)
+        self._lock: Path | None = None
+        if self.checkpointing:
+            self._prepare_checkpoint_dir()
+
+    def _prepare_checkpoint_dir(self) -> None:
+        """Writable, room for a checkpoint, locked for this run: checked on rank 0, the verdict shared."""
+        # Weights plus two fp32 Adam moments (plus fp32 main weights for half-precision models), once per replica.
+        local = sum(
+            param.numel() * (param.element_size() + (12 if param.element_size() < 4 else 8))
+            for state in self.states.values()
+            for param in state.model.parameters()
+        )
+        total = torch.tensor([float(local)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        needed = int(total.item() / self._dp_size)
+        verdict: list[Any] = [None]
+        if dist.get_rank() == 0:
+            root = Path(self.config.checkpoint.dir)
+            try:
+                check_writable(root, needed)
+                self._lock = acquire_lock(root)
+            except ConfigError as error:
+                verdict = [str(error)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ConfigError(verdict[0])
 
     def register(self, name: str, stateful: Any) -> None:
         """Save ``stateful.state_dict()`` with every checkpoint and restore it on resume.
@@ -136,28 +186,48 @@ class Run:
     # ------------------------------------------------------------------------------------- resume
 
     def resume(self) -> Path | None:
-        """Load ``checkpoint.dir``'s latest checkpoint (when ``checkpoint.resume``); a collective.
+        """Load the checkpoint to resume from, if any; a collective.
+
+        ``checkpoint.resume_from`` when set (it must be intact), else, with
+        ``checkpoint.resume``, the newest intact checkpoint of ``checkpoint.dir``:
+        a damaged one (a file missing, truncated or altered against its manifest)
+        is reported by path and file and the one before it is tried. The resume is
+        logged with its step and path.
 
         Returns:
             The checkpoint loaded, or None (nothing to resume: a fresh run).
+
+        Raises:
+            aligner.checkpoint.integrity.CorruptCheckpointError: ``resume_from`` is damaged.
+            FileNotFoundError: ``resume_from`` is not a checkpoint or a root with one.
         """
-        if not (self.checkpointing and self.config.checkpoint.resume):
+        section = self.config.checkpoint
+        if not self.checkpointing or (section.resume_from is None and not section.resume):
             return None
-        path = [latest_checkpoint(self.config.checkpoint.dir) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(path, src=0)
-        if path[0] is None:
-            return None
-        run_state = load_checkpoint(path[0], self.states)
+        if section.resume_from is not None:
+            candidates = checkpoints_newest_first(section.resume_from)
+            chosen = Path(section.resume_from) if (Path(section.resume_from) / "meta.json").is_file() else None
+            chosen = chosen or (candidates[0] if candidates else None)
+            if chosen is None:
+                raise FileNotFoundError(f"checkpoint.resume_from {section.resume_from} holds no checkpoint")
+            verify_checkpoint(chosen)
+        else:
+            shared = [checkpoints_newest_first(section.dir) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            chosen = newest_intact_checkpoint(shared[0])
+            if chosen is None:
+                return None
+        run_state = load_checkpoint(chosen, self.states)
         self.step = run_state["step"]
         for name, state in self.states.items():
             state.step = run_state["state_steps"][name]
         for name, stateful in self._registered.items():
             stateful.load_state_dict(run_state["registered"][name])
-        self._saved_step = self.step
-        self.summary.step, self.summary.checkpoint = self.step, path[0]
+        self._saved_step = self.step if Path(chosen).parent == Path(section.dir) else None
+        self.summary.step, self.summary.checkpoint = self.step, Path(chosen)
         if dist.get_rank() == 0:
-            log.info("resumed from step %d of %d (%s)", self.step, self.total_steps, path[0])
-        return path[0]
+            log.info("resumed from step %d of %d (%s)", self.step, self.total_steps, chosen)
+        return Path(chosen)
 
     # ------------------------------------------------------------------------------------- cadence
 
@@ -215,6 +285,7 @@ class Run:
         self.step += 1
         self.summary.step = self.step
         self.summary.history.append({"step": self.step, **metrics})
+        self._guard.check(self.step, metrics)
         logger = self._active_logger()
         logger.advance()
         if self.step % self.trainer.log_every == 0 or self.done:
@@ -250,6 +321,8 @@ class Run:
             self.save()
             if self.config.checkpoint.export_hf_at_end:
                 self.export_hf(Path(self.config.checkpoint.dir) / "hf")
+            if self._lock is not None:
+                release_lock(self._lock)
         return self.summary
 
     # ------------------------------------------------------------------------------------- outputs
@@ -306,3 +379,49 @@ class Run:
         if self._logger is None:
             raise RuntimeError("use the run as a context manager (with run: ...) around its loop")
         return self._logger
+
+
+class DivergenceGuard:
+    """Stops a run that is not learning: a gradient norm of exactly 0, or a loss at the uniform value, N steps in a row.
+
+    Args:
+        patience: consecutive steps that trip it (0: off).
+        uniform_loss: ``ln(vocab_size)`` for token-NLL losses, else None (that check is off).
+    """
+
+    # A random initialization sits within a few 1e-3 of ln(V); a collapsed model's uniform logits give it to
+    # float precision.
+    UNIFORM_RTOL = 1e-4
+
+    def __init__(self, patience: int, uniform_loss: float | None) -> None:
+        self.patience = patience
+        self.uniform_loss = uniform_loss
+        self.zero_grad_steps = 0
+        self.uniform_steps = 0
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        """Count this step; raise when a count reaches ``patience``.
+
+        Raises:
+            FloatingPointError: the message names the step and what was seen.
+        """
+        if not self.patience:
+            return
+        self.zero_grad_steps = self.zero_grad_steps + 1 if metrics.get("grad_norm") == 0.0 else 0
+        uniform = self.uniform_loss is not None and math.isclose(
+            metrics["loss"], self.uniform_loss, rel_tol=self.UNIFORM_RTOL
+        )
+        self.uniform_steps = self.uniform_steps + 1 if uniform else 0
+        if self.zero_grad_steps >= self.patience:
+            raise FloatingPointError(
+                f"step {step}: the gradient norm has been exactly 0 for {self.zero_grad_steps} steps in a row "
+                f"(steps {step - self.zero_grad_steps + 1}-{step}): nothing is being learned. Check that the data "
+                "has trained tokens (labels not all -100), the learning rate and the loss; "
+                "trainer.divergence_patience=0 turns this check off"
+            )
+        if self.uniform_steps >= self.patience:
+            raise FloatingPointError(
+                f"step {step}: the loss has sat at {metrics['loss']:.6g} = ln(vocab_size), a uniform prediction over "
+                f"the vocabulary, for {self.uniform_steps} steps in a row: the model has collapsed. Lower the "
+                "learning rate or check the data; trainer.divergence_patience=0 turns this check off"
+            )
