@@ -127,13 +127,18 @@ class EncodeReport:
     dropped: int = 0
     max_length: int = 0
     dropped_origins: list[str] = field(default_factory=list)
+    identical_pairs: int = 0
+    identical_origins: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        total = self.kept + self.dropped
+        total = self.kept + self.dropped + self.identical_pairs
         text = f"kept {self.kept} of {total} records ({self.truncated} truncated), dropped {self.dropped}"
         if self.dropped_origins:
             shown = ", ".join(self.dropped_origins[:3])
             text += f" (first: {shown})"
+        if self.identical_pairs:
+            shown = ", ".join(self.identical_origins[:3])
+            text += f", {self.identical_pairs} pairs whose chosen equals rejected dropped (first: {shown})"
         return f"{text}; max_length {self.max_length}"
 
 
@@ -228,6 +233,11 @@ def encode_records(
     report = EncodeReport(max_length=max_length)
     examples: list[Example] = []
     for record in records:
+        if isinstance(record, PreferenceRecord) and record.chosen == record.rejected:
+            # Equal responses give equal log-probs: the pair's loss is a constant, with no gradient.
+            report.identical_pairs += 1
+            report.identical_origins.append(record.origin)
+            continue
         example, truncated = _encode_one(encoder, record, len(examples), max_length, over_length, attribute_names)
         if example is None:
             report.dropped += 1

@@ -195,6 +195,8 @@ def read_jsonl(path: str | Path, kind: RecordKind) -> list[Record]:
             if not isinstance(row, dict):
                 raise ValueError(f"{origin}: expected a JSON object, got {type(row).__name__}")
             records.append(parse(row, origin))
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
     return records
 
 
@@ -259,10 +261,29 @@ def _require(row: Mapping[str, Any], names: tuple[str, ...], origin: str) -> Any
     return value
 
 
+def _describe_value(value: Any) -> str:
+    """What a JSON value is, for messages: ``a number (3)``, ``null``, ``an object``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    return "an empty list" if isinstance(value, Sequence) and not value else type(value).__name__
+
+
 def _messages(value: Any, name: str, origin: str) -> list[Message]:
     """Validate a list of ``{"role", "content"}`` dicts and copy it into plain dicts."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-        raise ValueError(f"{origin}: field '{name}' must be a non-empty list of messages")
+    if isinstance(value, str):
+        raise ValueError(f"{origin}: field '{name}' must be a non-empty list of messages, got a string")
+    if not isinstance(value, Sequence) or not value:
+        raise ValueError(
+            f"{origin}: field '{name}' must be text or a non-empty list of messages, got {_describe_value(value)}"
+        )
     messages: list[Message] = []
     for position, message in enumerate(value):
         where = f"{origin}: {name}[{position}]"
@@ -344,7 +365,7 @@ def _nemo_conversation(row: Mapping[str, Any], origin: str) -> list[Message]:
 
 def _text(value: Any, name: str, origin: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{origin}: field '{name}' must be a string, got {type(value).__name__}")
+        raise ValueError(f"{origin}: field '{name}' must be a string, got {_describe_value(value)}")
     return value
 
 

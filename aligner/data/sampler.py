@@ -77,7 +77,7 @@ class GlobalBatchSampler:
         if num_samples < 1 or (drop_last and num_samples < global_batch_size):
             raise ValueError(
                 f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch_size}; "
-                "lower global_batch_size or set drop_last=False"
+                "lower trainer.global_batch_size or give more data"
             )
         if group_by_length and (lengths is None or len(lengths) != num_samples):
             raise ValueError(f"group_by_length needs lengths for all {num_samples} samples")

@@ -282,3 +282,55 @@ def test_bad_kind_reader_and_source(tmp_path: Path):
         read_records(tmp_path / "x.jsonl", "sft", reader="pandas")
     with pytest.raises(TypeError, match="cannot read records from int"):
         read_records(3, "sft")
+
+
+# ------------------------------------------------------------------ errors that help (fail before, pass now)
+
+
+def test_an_empty_file_names_the_file(tmp_path):
+    for lines in ([], ["", "   "]):
+        path = write_lines(tmp_path / "empty.jsonl", lines)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: no records")):
+            read_records(path, "sft")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": 3, "chosen": "a", "rejected": "b"},
+            "field 'prompt' must be text or a non-empty list of messages, got a number (3)",
+        ),
+        (
+            {"prompt": "p", "chosen": 4.5, "rejected": "b"},
+            "field 'chosen' must be text or a non-empty list of messages, got a number (4.5)",
+        ),
+        ({"prompt": "p", "chosen": "a", "rejected": ["x"]}, "must be an object with"),
+        ({"prompt": {"x": 1}, "chosen": "a", "rejected": "b"}, "got an object"),
+    ],
+)
+def test_a_value_of_the_wrong_type_says_what_it_is(row, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        one(row, "preference")
+
+
+def test_a_pair_whose_chosen_equals_rejected_is_dropped_and_counted(tokenizer):
+    from aligner.data import EncodedDataset
+
+    rows = [
+        {"prompt": "1+1", "chosen": "2", "rejected": "3"},
+        {"prompt": "2+2", "chosen": "4", "rejected": "4"},
+        {"prompt": "3+3", "chosen": "6", "rejected": "7"},
+    ]
+    dataset = EncodedDataset(read_records(rows, "preference"), tokenizer, max_length=64)
+    assert len(dataset) == 2
+    assert dataset.report.identical_pairs == 1
+    assert "1 pairs whose chosen equals rejected dropped (first: dataset row 1)" in str(dataset.report)
+    assert str(dataset.report).startswith("kept 2 of 3 records")
+
+
+def test_too_little_data_names_a_real_config_key():
+    from aligner.data import GlobalBatchSampler
+
+    with pytest.raises(ValueError, match=r"lower trainer\.global_batch_size"):
+        GlobalBatchSampler(3, global_batch_size=4, micro_batch_size=2, seed=0)
