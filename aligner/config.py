@@ -81,7 +81,14 @@ class DataConfig:
     Attributes:
         train: training data: a jsonl file in one of the README's data formats (NeMo-Aligner / TRL names accepted).
         val: validation data in the same format; null skips validation.
-        tokenizer: a local Hugging Face tokenizer folder (with a chat template); null uses model.hf_path's.
+        tokenizer: a local Hugging Face tokenizer folder; null uses model.hf_path's.
+        chat_template: true: render records with the tokenizer's chat template; false: plain text (prompt and
+            response tokenized separately, the response ended by eos); null: the template when the tokenizer has
+            one (base models have none).
+        prompt_template: plain text only: a string with {prompt} that formats every prompt (NeMo-Aligner's
+            configs use one with <extra_id_1>User and <extra_id_1>Assistant lines); null: the prompt as is.
+        end_of_turn_token: chat templates only: the token assistant turns end with when it is not eos
+            (e.g. <|im_end|>); null: eos or the one the template puts there (detected).
         max_length: most tokens per sequence (prompt + response).
         over_length: what to do with a longer example: truncate, drop or error.
         group_by_length: batch examples of similar length together (less padding).
@@ -93,6 +100,9 @@ class DataConfig:
     train: str = "???"
     val: str | None = None
     tokenizer: str | None = None
+    chat_template: bool | None = None
+    prompt_template: str | None = None
+    end_of_turn_token: str | None = None
     max_length: int = 1024
     over_length: str = "truncate"
     group_by_length: bool = True

@@ -33,7 +33,9 @@ from aligner.data.encode import (
     PromptExample,
     RegressionExample,
     SFTExample,
+    TextEncoder,
     encode_records,
+    make_encoder,
 )
 from aligner.data.formats import (
     HELPSTEER2_ATTRIBUTES,
@@ -61,6 +63,7 @@ __all__ = [
     "RECORD_KINDS",
     "Batch",
     "ChatEncoder",
+    "TextEncoder",
     "EncodeReport",
     "EncodedDataset",
     "EncodedSequence",
@@ -87,6 +90,7 @@ __all__ = [
     "collate_regression",
     "collate_sft",
     "encode_records",
+    "make_encoder",
     "example_length",
     "load_json_dataset",
     "load_tokenizer",

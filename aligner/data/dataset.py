@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aligner.data.encode import Example, OverLength, PreferenceExample, PromptExample, encode_records
+from aligner.data.encode import Encoder, Example, OverLength, PreferenceExample, PromptExample, encode_records
 from aligner.data.formats import Record, RecordKind, read_records
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ class EncodedDataset:
         max_length: most tokens per sequence (per prompt for RL prompts).
         over_length: ``"truncate"``, ``"drop"`` or ``"error"`` (see :mod:`aligner.data.encode`).
         attribute_names: attribute order for regression records.
+        encoder: chat template or plain text (:func:`aligner.data.encode.make_encoder`); None: the
+            tokenizer's chat template when it has one, else plain text.
 
     Raises:
         ValueError: what :func:`~aligner.data.encode.encode_records` raises, or no record left after encoding.
@@ -39,6 +41,7 @@ class EncodedDataset:
         max_length: int,
         over_length: OverLength = "truncate",
         attribute_names: Sequence[str] = (),
+        encoder: Encoder | None = None,
     ) -> None:
         if not records:
             raise ValueError("no records to encode")
@@ -46,7 +49,12 @@ class EncodedDataset:
         self.max_length = max_length
         self.pad_token_id: int = tokenizer.pad_token_id
         self.examples, self.report = encode_records(
-            self.records, tokenizer, max_length=max_length, over_length=over_length, attribute_names=attribute_names
+            self.records,
+            tokenizer,
+            max_length=max_length,
+            over_length=over_length,
+            attribute_names=attribute_names,
+            encoder=encoder,
         )
         if not self.examples:
             raise ValueError(f"every record was dropped by the length limit: {self.report}")

@@ -5,9 +5,18 @@ renders ``messages[:k]`` with ``add_generation_prompt=True`` (the prompt) and
 ``messages[:k + 1]`` (prompt plus turn); both must tokenize to exact prefixes of
 the whole conversation's tokens, otherwise the template is rejected with an error
 (no guessing). The trained tokens of turn ``k`` run from the end of its prompt
-through the last eos token of its rendering; tokens a template adds after eos
-(such as a newline) stay untrained. A template that does not end assistant turns
-with ``eos_token`` is an error, since the model would never learn to stop.
+through the last end-of-turn token of its rendering; tokens a template adds after
+it (such as a newline) stay untrained. The end-of-turn token is ``eos_token``, or
+the special token the template closes an assistant turn with when that is another
+one (ChatML's ``<|im_end|>`` on a base tokenizer whose eos is ``<|endoftext|>``),
+or the one named by ``end_of_turn_token``. A template that ends assistant turns
+with none of them is an error, since the model would never learn to stop.
+
+Plain text (:class:`TextEncoder`): for a tokenizer without a chat template (base
+models) or when asked, a prompt string (formatted by ``prompt_template``, a string
+with ``{prompt}``) and the response are tokenized separately and concatenated, the
+response followed by eos, as TRL does for non-conversational data; only the
+response and its eos are trained. :func:`make_encoder` picks the encoder.
 
 Over-length policy (``max_length`` counts prompt and response tokens):
 
@@ -145,17 +154,45 @@ class EncodeReport:
 class ChatEncoder:
     """Tokenizes conversations with a tokenizer's chat template and marks the trained tokens.
 
+    Args:
+        tokenizer: a tokenizer with a chat template and an eos token.
+        end_of_turn_token: the token that ends an assistant turn; None: eos, or the
+            special token the template closes an assistant turn with (found by
+            rendering a probe conversation).
+
     Raises (at construction):
-        ValueError: the tokenizer has no chat template or no eos token.
+        ValueError: the tokenizer has no chat template or no eos token, or
+            ``end_of_turn_token`` is not one of its tokens.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_of_turn_token: str | None = None) -> None:
         if not tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat_template; use one with a template or build_tokenizer()")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token")
         self.tokenizer = tokenizer
         self.eos_token_id: int = tokenizer.eos_token_id
+        if end_of_turn_token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(f"data.end_of_turn_token {end_of_turn_token!r} is not a token of the tokenizer")
+            self.end_of_turn_ids = {self.eos_token_id, token_id}
+        else:
+            self.end_of_turn_ids = {self.eos_token_id} | self._template_end_of_turn()
+
+    def _template_end_of_turn(self) -> set[int]:
+        """The special token after the assistant's text in a probe rendering, when the template puts one there."""
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        before = self.tokens(probe[:1], add_generation_prompt=True)
+        full = self.tokens(probe, add_generation_prompt=False)
+        special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
+        response = full[len(before) :] if full[: len(before)] == before else []
+        return {token for token in response if token in special}
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The ids generation stops at: eos and the template's end-of-turn token."""
+        return sorted(self.end_of_turn_ids)
 
     def tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
         """The template rendering of ``messages`` as token ids (the template adds bos, not the tokenizer)."""
@@ -187,9 +224,13 @@ class ChatEncoder:
                     "prompt and response tokens cannot be split"
                 )
             response = through[len(before) :]
-            if self.eos_token_id not in response:
-                raise ValueError(f"{origin}: the chat template does not end assistant turn {turn} with eos_token")
-            end = len(before) + len(response) - response[::-1].index(self.eos_token_id)
+            ends = [position for position, token in enumerate(response) if token in self.end_of_turn_ids]
+            if not ends:
+                raise ValueError(
+                    f"{origin}: the chat template does not end assistant turn {turn} with eos_token or an end-of-turn "
+                    "token; set data.end_of_turn_token to the token it ends turns with"
+                )
+            end = len(before) + ends[-1] + 1
             loss_mask[len(before) : end] = [True] * (end - len(before))
         return EncodedSequence(input_ids=full, loss_mask=loss_mask, prompt_length=loss_mask.index(True))
 
@@ -199,6 +240,99 @@ class ChatEncoder:
         return self.conversation(messages, [len(prompt)], origin)
 
 
+class TextEncoder:
+    """Plain text: prompt and response tokenized separately and concatenated, the response ended by eos.
+
+    For tokenizers without a chat template (base models) or ``data.chat_template:
+    false``. The prompt is ``prompt_template.format(prompt=text)`` (or the text as
+    it is: already-templated prompts are not templated again), tokenized with the
+    tokenizer's special tokens (a bos where it adds one); the response is
+    tokenized without them and followed by eos. Only the response and its eos are
+    trained. Records must be single-turn: one user prompt (optionally after a
+    system turn, which is prepended to the prompt text) and one response.
+
+    Raises (at construction):
+        ValueError: no eos token, or a ``prompt_template`` without ``{prompt}``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_template: str | None = None) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token")
+        if prompt_template is not None and "{prompt}" not in prompt_template:
+            raise ValueError(f"data.prompt_template must contain {{prompt}}, got {prompt_template!r}")
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.eos_token_id: int = tokenizer.eos_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.eos_token_id]
+
+    def _prompt_text(self, messages: Sequence[Message], origin: str) -> str:
+        roles = [message["role"] for message in messages]
+        if roles not in (["user"], ["system", "user"]):
+            raise ValueError(
+                f"{origin}: plain-text mode (no chat template) takes a single-turn prompt, got turns {roles}; "
+                "use a tokenizer with a chat template for multi-turn data (data.tokenizer)"
+            )
+        text = "\n\n".join(message["content"] for message in messages)
+        return text if self.prompt_template is None else self.prompt_template.format(prompt=text)
+
+    def prompt(self, messages: Sequence[Message], origin: str = "prompt") -> list[int]:
+        """The prompt's tokens (what a policy continues)."""
+        return list(self.tokenizer(self._prompt_text(messages, origin))["input_ids"])
+
+    def prompt_response(self, prompt: Sequence[Message], response: str, origin: str) -> EncodedSequence:
+        """``prompt`` tokens, then ``response`` tokens and eos; only the latter are trained."""
+        prompt_ids = self.prompt(prompt, origin)
+        response_ids = [*self.tokenizer(response, add_special_tokens=False)["input_ids"], self.eos_token_id]
+        return EncodedSequence(
+            input_ids=prompt_ids + response_ids,
+            loss_mask=[False] * len(prompt_ids) + [True] * len(response_ids),
+            prompt_length=len(prompt_ids),
+        )
+
+    def conversation(self, messages: Sequence[Message], trained_turns: Sequence[int], origin: str) -> EncodedSequence:
+        """A single-turn conversation (prompt turns, then one trained assistant turn)."""
+        if list(trained_turns) != [len(messages) - 1] or messages[-1]["role"] != "assistant":
+            raise ValueError(
+                f"{origin}: plain-text mode (no chat template) trains one final assistant turn; this conversation "
+                "has several: use a tokenizer with a chat template (data.tokenizer)"
+            )
+        return self.prompt_response(messages[:-1], messages[-1]["content"], origin)
+
+
+Encoder = ChatEncoder | TextEncoder
+
+
+def make_encoder(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    chat_template: bool | None = None,
+    prompt_template: str | None = None,
+    end_of_turn_token: str | None = None,
+) -> Encoder:
+    """The encoder for ``tokenizer``: its chat template, or plain text.
+
+    Args:
+        chat_template: True: the chat template (an error without one); False: plain
+            text; None: the chat template when the tokenizer has one, else plain text.
+        prompt_template: plain text only: a string with ``{prompt}`` that formats each prompt.
+        end_of_turn_token: chat template only: the token assistant turns end with (default: detected).
+
+    Raises:
+        ValueError: ``chat_template=True`` without a template, or options that do not apply.
+    """
+    use_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
+    if use_template:
+        if prompt_template is not None:
+            raise ValueError("data.prompt_template applies to plain text; with a chat template leave it unset")
+        return ChatEncoder(tokenizer, end_of_turn_token)
+    if end_of_turn_token is not None:
+        raise ValueError("data.end_of_turn_token applies to chat templates; plain text ends responses with eos")
+    return TextEncoder(tokenizer, prompt_template)
+
+
 def encode_records(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
@@ -206,6 +340,7 @@ def encode_records(
     max_length: int,
     over_length: OverLength = "truncate",
     attribute_names: Sequence[str] = (),
+    encoder: Encoder | None = None,
 ) -> tuple[list[Example], EncodeReport]:
     """Encode records of one kind, applying the over-length policy (module docstring).
 
@@ -215,6 +350,7 @@ def encode_records(
         max_length: most tokens per sequence (for RL prompts: per prompt).
         over_length: ``"truncate"``, ``"drop"`` or ``"error"``.
         attribute_names: for regression records, the attribute order of the output vectors.
+        encoder: how records become tokens (:func:`make_encoder`); None: ``make_encoder(tokenizer)``.
 
     Returns:
         The examples (``index`` = position in this list) and an :class:`EncodeReport`.
@@ -229,7 +365,7 @@ def encode_records(
         raise ValueError(f"max_length must be >= 2 (a prompt token and a response token), got {max_length}")
     if any(isinstance(record, RegressionRecord) for record in records) and not attribute_names:
         raise ValueError("regression records need attribute_names (the attribute order of the model's outputs)")
-    encoder = ChatEncoder(tokenizer)
+    encoder = encoder or make_encoder(tokenizer)
     report = EncodeReport(max_length=max_length)
     examples: list[Example] = []
     for record in records:
@@ -276,7 +412,7 @@ def _fit_length(
 
 
 def _encode_one(
-    encoder: ChatEncoder,
+    encoder: Encoder,
     record: Record,
     index: int,
     max_length: int,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from aligner.config import ConfigError, DataConfig, ModelSourceConfig, TrainerConfig
 from aligner.data.dataset import EncodedDataset
+from aligner.data.encode import Encoder, make_encoder
 from aligner.data.formats import RecordKind, read_records
 from aligner.data.loader import GlobalBatchLoader
 from aligner.data.sampler import GlobalBatchSampler
@@ -27,6 +28,23 @@ def tokenizer_for(model: ModelSourceConfig, data: DataConfig):
     return load_tokenizer(path)
 
 
+def encoder_for(tokenizer, data: DataConfig) -> Encoder:
+    """How records become tokens: the chat template or plain text, as ``data`` says (see :class:`DataConfig`).
+
+    Raises:
+        ConfigError: options that do not fit the tokenizer (a chat template asked of one without).
+    """
+    try:
+        return make_encoder(
+            tokenizer,
+            chat_template=data.chat_template,
+            prompt_template=data.prompt_template,
+            end_of_turn_token=data.end_of_turn_token,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def load_split(
     path: str, kind: RecordKind, tokenizer, data: DataConfig, attribute_names: Sequence[str] = ()
 ) -> EncodedDataset:
@@ -37,6 +55,7 @@ def load_split(
         max_length=data.max_length,
         over_length=data.over_length,
         attribute_names=attribute_names,
+        encoder=encoder_for(tokenizer, data),
     )
     log.info("%s: %s", path, dataset.report)
     return dataset

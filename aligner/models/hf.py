@@ -5,8 +5,12 @@
 whose query/key/value projections carry a bias): a checkpoint directory
 (safetensors), a loaded model, or a state dict with its config. Each rank
 reads only the tensors of its pipeline stage. ``export_hf`` gathers the shards
-and writes ``config.json`` plus safetensors (one file per pipeline stage) that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+and writes ``config.json``, ``generation_config.json`` and safetensors (one
+file per pipeline stage) that ``transformers.AutoModelForCausalLM.from_pretrained``
+loads; given the source folder and the tokenizer, the export keeps the source's
+architecture class, token ids and dtype, holds the tokenizer's files, and lists
+the chat template's end-of-turn token among the eos ids, so ``generate`` stops
+where aligner's engine does.
 
 Weight mapping (Hugging Face -> megatron, full tensors; see
 :mod:`aligner.models.sharding` for how they are split over ranks):
@@ -27,6 +31,7 @@ Weight mapping (Hugging Face -> megatron, full tensors; see
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -298,22 +303,190 @@ def import_hf(
     return model
 
 
-def export_hf(model: GPTModel, out_dir: str | Path, **hf_config_extra: Any) -> None:
+TokenizerSource = str | Path | Any
+
+# Fields of a Hugging Face config that describe the architecture; an export with a
+# ``source`` takes these from the model and every other field from the source.
+_ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "head_dim",
+)
+_END_OF_TURN_PROBE = "aligner end of turn probe"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the tokenizer's chat template puts right after an assistant message
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, the eos of a template that ends turns
+    with eos); ``[]`` without a chat template, or when the template puts plain text there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _END_OF_TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template may reject this conversation (roles, system prompt, ...)
+        return []
+    if not isinstance(text, str) or _END_OF_TURN_PROBE not in text:
+        return []
+    after = text[text.rindex(_END_OF_TURN_PROBE) + len(_END_OF_TURN_PROBE) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {
+        index for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special
+    }
+    return [ids[0]] if ids and ids[0] in special else []
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a response: the tokenizer's eos, then the chat template's end of turn if different."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    return ids + [i for i in end_of_turn_ids(tokenizer) if i not in ids]
+
+
+def _load_source_config(source: str | Path | PretrainedConfig) -> PretrainedConfig:
+    if isinstance(source, PretrainedConfig):
+        return source
+    from transformers import AutoConfig
+
+    directory = Path(source).expanduser()
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"export_hf: source {directory} is not a checkpoint directory with config.json")
+    return AutoConfig.from_pretrained(directory, local_files_only=True)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    from aligner.models.config import DTYPES
+
+    if isinstance(dtype, torch.dtype):
+        names = [name for name, value in DTYPES.items() if value == dtype]
+        if not names:
+            raise ValueError(f"export_hf: dtype {dtype} is not one of {sorted(DTYPES)}")
+        return names[0]
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"export_hf: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return name
+
+
+def export_config(
+    config: ModelConfig,
+    *,
+    source: str | Path | PretrainedConfig | None = None,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype | None = None,
+    **hf_config_extra: Any,
+) -> PretrainedConfig:
+    """The Hugging Face config an export of a model of ``config`` writes (see :func:`export_hf`)."""
+    base = config_to_hf(config)
+    source_config = None if source is None else _load_source_config(source)
+    if source_config is None:
+        hf_config = base
+    else:
+        if source_config.model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(
+                f"export_hf: source model_type {source_config.model_type!r} is not llama, mistral or qwen2"
+            )
+        if (source_config.model_type == "qwen2") != config.qkv_bias:
+            raise ValueError(
+                f"export_hf: the source is a {source_config.model_type} checkpoint but the model "
+                f"{'has' if config.qkv_bias else 'has no'} query/key/value bias"
+            )
+        hf_config = copy.deepcopy(source_config)
+        for name in _ARCHITECTURE_FIELDS:
+            if hasattr(base, name):
+                setattr(hf_config, name, getattr(base, name))
+        if not getattr(hf_config, "architectures", None):
+            hf_config.architectures = base.architectures
+    if dtype is not None:
+        hf_config.dtype = _dtype_name(dtype)
+    elif source_config is not None and getattr(source_config, "dtype", None) is not None:
+        hf_config.dtype = _dtype_name(source_config.dtype)
+    else:
+        hf_config.dtype = config.params_dtype
+    if tokenizer is not None:
+        stops = stop_token_ids(tokenizer)
+        if stops:
+            hf_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        if tokenizer.bos_token_id is not None:
+            hf_config.bos_token_id = int(tokenizer.bos_token_id)
+        if tokenizer.pad_token_id is not None:
+            hf_config.pad_token_id = int(tokenizer.pad_token_id)
+    for name, value in hf_config_extra.items():
+        setattr(hf_config, name, value)
+    return hf_config
+
+
+def _generation_config(hf_config: PretrainedConfig, source: str | Path | PretrainedConfig | None) -> Any:
+    """The source's generation_config.json (sampling defaults) with the export's token ids."""
+    from transformers import GenerationConfig
+
+    generation = None
+    if isinstance(source, str | Path) and (Path(source).expanduser() / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(Path(source).expanduser(), local_files_only=True)
+    if generation is None:
+        generation = GenerationConfig()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf_config, name, None)
+        if value is not None:
+            setattr(generation, name, value)
+    return generation
+
+
+def export_hf(
+    model: GPTModel,
+    out_dir: str | Path,
+    *,
+    source: str | Path | PretrainedConfig | None = None,
+    tokenizer: TokenizerSource | None = None,
+    dtype: str | torch.dtype | None = None,
+    **hf_config_extra: Any,
+) -> None:
     """Write ``model`` (sharded over all ranks) as a Hugging Face checkpoint in ``out_dir``.
 
     A collective: every rank calls it. The tensor-parallel ranks of each stage
     gather their weights; the first data-parallel replica's tensor-rank-0 of each
     stage writes ``model-0000s-of-0000p.safetensors`` (``model.safetensors`` when
-    pp == 1); global rank 0 writes ``config.json`` and the index. Returns when
-    every file is written. ``hf_config_extra`` goes into config.json (e.g.
-    ``eos_token_id``).
+    pp == 1); global rank 0 writes ``config.json``, ``generation_config.json``,
+    the tokenizer's files and the index. Returns when every file is written.
+
+    Args:
+        model: this rank's shard of a language model.
+        out_dir: the folder to write (created if missing).
+        source: the Hugging Face folder (or config) the model was imported from:
+            its architecture class (Llama / Mistral / Qwen2), token ids, dtype and
+            other fields are kept; the model supplies the sizes. None: a
+            ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the model has a
+            query/key/value bias) with transformers' default token ids. A
+            ``generation_config.json`` in the source supplies the sampling defaults.
+        tokenizer: a tokenizer or its folder: its files are saved in ``out_dir``
+            and its ids go into both configs: ``bos_token_id``, ``pad_token_id``,
+            and ``eos_token_id`` = its eos plus the chat template's end-of-turn
+            token when that differs (a list then, e.g. ``[<|endoftext|>, <|im_end|>]``),
+            so that ``generate`` stops at the end of an assistant turn.
+        dtype: the weights' dtype in the files; None: the source's, else the model's.
+        hf_config_extra: further config.json fields, applied last (e.g. ``eos_token_id``).
 
     Raises:
-        ValueError: for a value/reward model (no Hugging Face causal-LM layout).
+        ValueError: for a value/reward model (no Hugging Face causal-LM layout), a
+            source of another architecture, or an unknown dtype.
+        FileNotFoundError: a tokenizer folder without tokenizer files.
     """
     if model.aligner_num_value_outputs is not None:
         raise ValueError("export_hf writes causal language models; this model has a value head")
     config = model.aligner_config
+    if tokenizer is not None and isinstance(tokenizer, str | Path):
+        from aligner.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    hf_config = export_config(config, source=source, tokenizer=tokenizer, dtype=dtype, **hf_config_extra)
+    out_dtype = hf_config.dtype if isinstance(hf_config.dtype, torch.dtype) else getattr(torch, str(hf_config.dtype))
     out_dir = Path(out_dir)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -322,13 +495,18 @@ def export_hf(model: GPTModel, out_dir: str | Path, **hf_config_extra: Any) -> N
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         hf_state = megatron_to_hf(gather_full_state_dict(model), config)
         if parallel_state.get_tensor_model_parallel_rank() == 0:
+            hf_state = {name: tensor.to(out_dtype) for name, tensor in hf_state.items()}
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file(hf_state, out_dir / filename, metadata={"format": "pt"})
             written = {name: tensor.numel() * tensor.element_size() for name, tensor in hf_state.items()}
     every_rank: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, (filename, written))
     if dist.get_rank() == 0:
-        config_to_hf(config, **hf_config_extra).save_pretrained(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf_config.save_pretrained(out_dir)
+        _generation_config(hf_config, source).save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
         if pp > 1:
             weight_map = {name: file for file, sizes in every_rank for name in sizes}
             total = sum(size for _, sizes in every_rank for size in sizes.values())

@@ -49,8 +49,15 @@ from aligner.algorithms.steerlm import (
 )
 from aligner.checkpoint import load_model_weights
 from aligner.config import ConfigError, ModelSourceConfig, RunConfig
-from aligner.data import HELPSTEER2_ATTRIBUTES, ChatEncoder, EncodedDataset, RegressionRecord, SFTRecord, read_records
-from aligner.data.splits import make_loaders, tokenizer_for
+from aligner.data import (
+    HELPSTEER2_ATTRIBUTES,
+    EncodedDataset,
+    RegressionRecord,
+    SFTRecord,
+    make_encoder,
+    read_records,
+)
+from aligner.data.splits import encoder_for, make_loaders, tokenizer_for
 from aligner.generation.steerlm import generate_with_attributes_batch
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.parallel import initialize
@@ -274,7 +281,7 @@ def annotate_records(
     Raises:
         ValueError, NotImplementedError: see :func:`annotate`.
     """
-    encoder = ChatEncoder(tokenizer)
+    encoder = make_encoder(tokenizer)
     token_ids = [
         encoder.prompt_response(record.prompt, record.response, record.origin).input_ids[:max_length]
         for record in records
@@ -386,6 +393,7 @@ def run(config: SteerLMRunConfig) -> Run:
             tokenizer,
             max_length=data.max_length,
             over_length=data.over_length,
+            encoder=encoder_for(tokenizer, data),
         )
         log.info("%s: %s", splits[split], encoded[split].report)
     train_loader, val_loader = make_loaders(config.trainer, data, encoded["train"], encoded.get("val"))

@@ -355,12 +355,20 @@ class Run:
         """Write the language-model states as Hugging Face checkpoints (a collective).
 
         One language model goes to ``out_dir``; several to ``out_dir/<name>``.
+        Each export keeps the architecture class, token ids and dtype of
+        ``model.hf_path`` (when the run imported one) and holds the run's tokenizer
+        (``data.tokenizer``, else ``model.hf_path``'s), with the chat template's
+        end-of-turn token among its eos ids; so a recipe chained on the export
+        with ``model.hf_path`` alone finds the tokenizer there.
         """
         from aligner.models.hf import export_hf
 
+        model_source = getattr(self.config, "model", None)
+        source = getattr(model_source, "hf_path", None)
+        tokenizer = getattr(getattr(self.config, "data", None), "tokenizer", None) or source
         models = {name: state.model for name, state in self.states.items() if state.is_language_model}
         for name, model in models.items():
-            export_hf(model, out_dir if len(models) == 1 else Path(out_dir) / name)
+            export_hf(model, out_dir if len(models) == 1 else Path(out_dir) / name, source=source, tokenizer=tokenizer)
 
     def report(self, name: str) -> str:
         """The run's outcome in one line: steps, first/last training loss, last validation, checkpoint."""
