@@ -79,8 +79,10 @@ class DataConfig:
     """The training and validation data and how it is tokenized.
 
     Attributes:
-        train: training data: a jsonl file in one of the README's data formats (NeMo-Aligner / TRL names accepted).
+        train: training data in one of the README's data formats: a .jsonl / .json / .parquet file or a folder
+            written by datasets' save_to_disk (NeMo-Aligner / TRL field names accepted).
         val: validation data in the same format; null skips validation.
+        split: the split to read from a saved DatasetDict folder (train and val alike).
         tokenizer: a local Hugging Face tokenizer folder; null uses model.hf_path's.
         chat_template: true: render records with the tokenizer's chat template; false: plain text (prompt and
             response tokenized separately, the response ended by eos); null: the template when the tokenizer has
@@ -99,6 +101,7 @@ class DataConfig:
 
     train: str = "???"
     val: str | None = None
+    split: str = "train"
     tokenizer: str | None = None
     chat_template: bool | None = None
     prompt_template: str | None = None

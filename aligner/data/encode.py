@@ -45,6 +45,7 @@ from aligner.data.formats import (
     RLPromptRecord,
     SFTRecord,
 )
+from aligner.data.tokenizer import stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -176,23 +177,14 @@ class ChatEncoder:
             token_id = tokenizer.convert_tokens_to_ids(end_of_turn_token)
             if token_id is None or token_id == tokenizer.unk_token_id:
                 raise ValueError(f"data.end_of_turn_token {end_of_turn_token!r} is not a token of the tokenizer")
-            self.end_of_turn_ids = {self.eos_token_id, token_id}
+            self.end_of_turn_ids = [self.eos_token_id, token_id]
         else:
-            self.end_of_turn_ids = {self.eos_token_id} | self._template_end_of_turn()
-
-    def _template_end_of_turn(self) -> set[int]:
-        """The special token after the assistant's text in a probe rendering, when the template puts one there."""
-        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        before = self.tokens(probe[:1], add_generation_prompt=True)
-        full = self.tokens(probe, add_generation_prompt=False)
-        special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
-        response = full[len(before) :] if full[: len(before)] == before else []
-        return {token for token in response if token in special}
+            self.end_of_turn_ids = stop_token_ids(tokenizer)
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The ids generation stops at: eos and the template's end-of-turn token."""
-        return sorted(self.end_of_turn_ids)
+        """The ids generation stops at: eos, then the template's end-of-turn token when it is another."""
+        return list(dict.fromkeys(self.end_of_turn_ids))
 
     def tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
         """The template rendering of ``messages`` as token ids (the template adds bos, not the tokenizer)."""

@@ -139,22 +139,43 @@ def read_records(
     *,
     reader: Literal["lines", "datasets"] = "lines",
     cache_dir: str | Path | None = None,
+    split: str = "train",
 ) -> list[Record]:
-    """Read every record of one kind from a jsonl path, a list of dicts or a Hugging Face dataset.
+    """Read every record of one kind from a file, a saved dataset, a list of dicts or a Hugging Face dataset.
 
     Args:
-        source: a ``.jsonl`` path, a list of row dicts, or a ``datasets.Dataset``.
+        source: a ``.jsonl`` / ``.json`` path, a ``.parquet`` file, a folder written by
+            ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` read at
+            ``split``), a list of row dicts, or a ``datasets.Dataset``.
         kind: one of :data:`RECORD_KINDS`.
         reader: for a path, ``"lines"`` parses it line by line (errors name ``file:line``);
             ``"datasets"`` goes through ``datasets.load_dataset("json", ...)`` (errors name the row).
         cache_dir: the ``datasets`` cache for ``reader="datasets"`` (its default cache when None).
+        split: the split of a saved ``DatasetDict``.
 
     Raises:
-        ValueError: an unknown kind or reader, or a malformed row (the message names file and line or row).
+        ValueError: an unknown kind or reader, a file of another format, or a malformed row (the message
+            names file and line or row).
+        FileNotFoundError: a path that does not exist.
         TypeError: a source of another type.
     """
     _check_kind(kind)
     if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            return load_saved_dataset(path, kind, split=split)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"data file {path} does not exist (expected a .jsonl / .json / .parquet file or a folder written by "
+                "datasets' save_to_disk)"
+            )
+        if path.suffix == ".parquet":
+            return read_parquet(path, kind)
+        if path.suffix not in (".jsonl", ".json"):
+            raise ValueError(
+                f"{path}: unknown data format {path.suffix or '(no extension)'!r}; expected .jsonl (one JSON object "
+                "per line), .json, .parquet, or a folder written by datasets' save_to_disk"
+            )
         if reader == "lines":
             return read_jsonl(source, kind)
         if reader == "datasets":
@@ -216,6 +237,51 @@ def read_rows(rows: Iterable[Mapping[str, Any]], kind: RecordKind, *, name: str 
         if not isinstance(row, Mapping):
             raise ValueError(f"{origin}: expected a mapping of fields, got {type(row).__name__}")
         records.append(parse(row, origin))
+    return records
+
+
+def read_parquet(path: str | Path, kind: RecordKind) -> list[Record]:
+    """Read a parquet file's rows (columns as fields); errors name ``<path> row <i>`` (0-based).
+
+    Raises:
+        ValueError: not a parquet file, or a bad row.
+    """
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
+    records = read_rows(table.to_pylist(), kind, name=str(path))
+    if not records:
+        raise ValueError(f"{path}: no records (the table is empty)")
+    return records
+
+
+def load_saved_dataset(path: str | Path, kind: RecordKind, *, split: str = "train") -> list[Record]:
+    """Read a folder written by ``datasets``' ``save_to_disk``; errors name ``<path>[/<split>] row <i>``.
+
+    Raises:
+        ValueError: the folder is not a saved dataset, or a ``DatasetDict`` without ``split``, or a bad row.
+    """
+    import datasets
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise ValueError(
+            f"{path} is a folder but not a dataset saved with datasets' save_to_disk (no dataset_info.json, "
+            "state.json or dataset_dict.json); give a .jsonl or .parquet file, or such a folder"
+        )
+    loaded = datasets.load_from_disk(str(path))
+    name = str(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{path} holds the splits {sorted(loaded)}, not {split!r}; set data.split")
+        loaded, name = loaded[split], f"{path}/{split}"
+    records = read_rows(loaded, kind, name=name)
+    if not records:
+        raise ValueError(f"{name}: no records (the dataset is empty)")
     return records
 
 

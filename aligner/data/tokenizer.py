@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -132,3 +132,33 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_END_OF_TURN_PROBE = "aligner end of turn probe"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the tokenizer's chat template puts right after an assistant message
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, the eos of a template that ends turns
+    with eos); ``[]`` without a chat template, or when the template puts plain text there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _END_OF_TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template may reject this conversation (roles, system prompt, ...)
+        return []
+    if not isinstance(text, str) or _END_OF_TURN_PROBE not in text:
+        return []
+    after = text[text.rindex(_END_OF_TURN_PROBE) + len(_END_OF_TURN_PROBE) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {
+        index for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special
+    }
+    return [ids[0]] if ids and ids[0] in special else []
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a response: the tokenizer's eos, then the chat template's end of turn if different."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    return ids + [i for i in end_of_turn_ids(tokenizer) if i not in ids]

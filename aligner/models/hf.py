@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
+from aligner.data.tokenizer import stop_token_ids
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model
 from aligner.models.sharding import gather_full_state_dict, load_full_state_dict
@@ -320,34 +321,6 @@ _ARCHITECTURE_FIELDS = (
     "rope_parameters",
     "head_dim",
 )
-_END_OF_TURN_PROBE = "aligner end of turn probe"
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """The special token the tokenizer's chat template puts right after an assistant message
-    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, the eos of a template that ends turns
-    with eos); ``[]`` without a chat template, or when the template puts plain text there."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _END_OF_TURN_PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template may reject this conversation (roles, system prompt, ...)
-        return []
-    if not isinstance(text, str) or _END_OF_TURN_PROBE not in text:
-        return []
-    after = text[text.rindex(_END_OF_TURN_PROBE) + len(_END_OF_TURN_PROBE) :]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    special = set(tokenizer.all_special_ids) | {
-        index for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special
-    }
-    return [ids[0]] if ids and ids[0] in special else []
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The ids that end a response: the tokenizer's eos, then the chat template's end of turn if different."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    return ids + [i for i in end_of_turn_ids(tokenizer) if i not in ids]
 
 
 def _load_source_config(source: str | Path | PretrainedConfig) -> PretrainedConfig:

@@ -371,7 +371,9 @@ def run(config: SteerLMRunConfig) -> Run:
     section, data = config.steerlm, config.data
     tokenizer = tokenizer_for(config.model, data)
     splits = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
-    records = {split: read_records(path, "regression", reader=data.reader) for split, path in splits.items()}
+    records = {
+        split: read_records(path, "regression", reader=data.reader, split=data.split) for split, path in splits.items()
+    }
     if section.annotate_rm_checkpoint is not None:
         reward_model = load_reward_model(section, tp=config.parallel.tp, pp=config.parallel.pp)
         check_vocab(tokenizer, reward_model)

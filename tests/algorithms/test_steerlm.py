@@ -4,7 +4,6 @@ Reward-model annotation and conditioned generation run models: see
 tests/recipes/test_steerlm_annotate.py.
 """
 
-
 import pytest
 import torch
 

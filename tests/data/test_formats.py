@@ -278,8 +278,9 @@ def test_load_dataset_json_matches_line_reader(tmp_path: Path):
 def test_bad_kind_reader_and_source(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown record kind 'dpo'"):
         read_records([], "dpo")
+    existing = write_lines(tmp_path / "x.jsonl", ['{"input": "a", "output": "b"}'])
     with pytest.raises(ValueError, match="unknown reader"):
-        read_records(tmp_path / "x.jsonl", "sft", reader="pandas")
+        read_records(existing, "sft", reader="pandas")
     with pytest.raises(TypeError, match="cannot read records from int"):
         read_records(3, "sft")
 
@@ -334,3 +335,55 @@ def test_too_little_data_names_a_real_config_key():
 
     with pytest.raises(ValueError, match=r"lower trainer\.global_batch_size"):
         GlobalBatchSampler(3, global_batch_size=4, micro_batch_size=2, seed=0)
+
+
+# ------------------------------------------------------------------ data a user already has
+
+
+PAIRS = [
+    {"prompt": "1+1", "chosen": "2", "rejected": "3"},
+    {"prompt": "2+2", "chosen": "4", "rejected": "5"},
+]
+
+
+def test_parquet_and_saved_datasets_load(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    parquet = tmp_path / "pairs.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(PAIRS), parquet)
+    assert [r.chosen for r in read_records(parquet, "preference")] == ["2", "4"]
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(saved))
+    assert [r.rejected for r in read_records(saved, "preference")] == ["3", "5"]
+
+    splits = tmp_path / "splits"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(PAIRS), "test": datasets.Dataset.from_list(PAIRS[:1])}
+    ).save_to_disk(str(splits))
+    assert len(read_records(splits, "preference", split="test")) == 1
+    with pytest.raises(ValueError, match=r"holds the splits \['test', 'train'\], not 'validation'; set data.split"):
+        read_records(splits, "preference", split="validation")
+
+    bad = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list([{"prompt": "p", "chosen": 7, "rejected": "b"}]).to_parquet(str(bad))
+    with pytest.raises(ValueError, match=re.escape(f"{bad} row 0: field 'chosen'")):
+        read_records(bad, "preference")
+
+
+def test_a_wrong_format_names_the_path_and_what_was_expected(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("prompt,chosen,rejected\n")
+    with pytest.raises(ValueError, match=re.escape(f"{csv}: unknown data format '.csv'; expected .jsonl")):
+        read_records(csv, "preference")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="not a dataset saved with datasets' save_to_disk"):
+        read_records(folder, "preference")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data file {tmp_path / 'nope.jsonl'} does not exist")):
+        read_records(tmp_path / "nope.jsonl", "preference")
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        read_records(fake, "preference")

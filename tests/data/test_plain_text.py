@@ -70,7 +70,7 @@ def test_chatml_end_of_turn_is_detected_and_trained(chatml_tokenizer):
     encoder = make_encoder(chatml_tokenizer)
     im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end != chatml_tokenizer.eos_token_id
-    assert encoder.stop_token_ids == sorted({im_end, chatml_tokenizer.eos_token_id})
+    assert encoder.stop_token_ids == [chatml_tokenizer.eos_token_id, im_end]
     sequence = encoder.prompt_response([{"role": "user", "content": "2+2"}], "4", "r0")
     trained = [token for token, mask in zip(sequence.input_ids, sequence.loss_mask, strict=True) if mask]
     assert trained[-1] == im_end  # the model learns to stop with the template's end of turn

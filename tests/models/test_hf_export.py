@@ -131,9 +131,9 @@ def sources(tmp_path_factory):
 
 
 def export_worker(paths: dict, tokenizer_dir: str, out_root: str, prompt: list):
-    from aligner.data.tokenizer import load_tokenizer
+    from aligner.data.tokenizer import load_tokenizer, stop_token_ids
     from aligner.generation.torch_engine import generate
-    from aligner.models.hf import export_hf, import_hf, stop_token_ids
+    from aligner.models.hf import export_hf, import_hf
     from aligner.parallel import destroy, initialize
 
     initialize()
