@@ -96,7 +96,8 @@ class DataConfig:
         group_by_length: batch examples of similar length together (less padding).
         pad_to_multiple_of: round each batch's padded width up to this multiple; null pads to the longest row.
         reader: lines (plain jsonl reader, errors name file:line) or datasets (Hugging Face load_dataset("json"),
-            memory-mapped for large files).
+            memory-mapped for large files; errors name the row).
+        cache_dir: where reader=datasets keeps its Arrow cache; null: a temporary folder removed at exit.
     """
 
     train: str = "???"
@@ -111,6 +112,7 @@ class DataConfig:
     group_by_length: bool = True
     pad_to_multiple_of: int | None = 8
     reader: str = "lines"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_length < 2:

@@ -30,6 +30,7 @@ for in-memory rows and Hugging Face datasets.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,15 +290,22 @@ def load_json_dataset(path: str | Path, kind: RecordKind, *, cache_dir: str | Pa
     """Read a json/jsonl file through ``datasets.load_dataset("json", data_files=path)``.
 
     Works offline: the json builder ships with ``datasets``. Errors name ``<path> row <i>`` (0-based).
+    Without ``cache_dir`` the Arrow cache goes to a temporary folder removed when the
+    process exits, so nothing is left in ``~/.cache`` unless asked.
 
     Raises:
         ValueError: a bad row.
     """
+    import atexit
+    import shutil
+    import tempfile
+
     import datasets
 
-    dataset = datasets.load_dataset(
-        "json", data_files=str(path), split="train", cache_dir=None if cache_dir is None else str(cache_dir)
-    )
+    if cache_dir is None:
+        cache_dir = tempfile.mkdtemp(prefix="aligner-datasets-")
+        atexit.register(shutil.rmtree, cache_dir, True)
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
     return read_rows(dataset, kind, name=str(path))
 
 
@@ -399,6 +407,11 @@ def _parse_sft(row: Mapping[str, Any], origin: str) -> SFTRecord:
         messages = _messages(row["messages"], "messages", origin)
     elif row.get("conversations") is not None:
         messages = _nemo_conversation(row, origin)
+    elif _get(row, ("input", "prompt")) is None and isinstance(row.get("text"), str):
+        raise ValueError(
+            f'{origin}: TRL\'s language-modeling format ({{"text": ...}}) has no prompt / response split, and SFT '
+            'trains responses: convert each row to {"input": prompt, "output": response} or {"messages": [...]}'
+        )
     else:
         prompt = _prompt(_require(row, ("input", "prompt"), origin), "input", origin)
         output = _response_text(_require(row, ("output", "completion"), origin), "output", origin)
@@ -440,8 +453,14 @@ def _parse_preference(row: Mapping[str, Any], origin: str) -> PreferenceRecord:
     chosen, rejected = _require(row, chosen_names, origin), _require(row, rejected_names, origin)
     if row.get("prompt") is not None:
         prompt = _prompt(row["prompt"], "prompt", origin)
+    elif isinstance(chosen, str) and isinstance(rejected, str) and _HH_ASSISTANT in chosen:
+        prompt, chosen, rejected = _split_hh_transcripts(chosen, rejected, origin)
     elif isinstance(chosen, str) or isinstance(rejected, str):
-        raise _missing(("prompt",), origin)
+        raise ValueError(
+            f"{origin}: missing field 'prompt': 'chosen' and 'rejected' are plain text, so the prompt cannot be "
+            "split off (give a 'prompt' field, Anthropic-HH transcripts with '\\n\\nHuman:' / '\\n\\nAssistant:' "
+            "turns, or TRL's conversational lists)"
+        )
     else:
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, origin)
     rewards = [_get(row, ("chosen_reward",)), _get(row, ("rejected_reward",))]
@@ -455,6 +474,35 @@ def _parse_preference(row: Mapping[str, Any], origin: str) -> PreferenceRecord:
         rejected_reward=None if rewards[1] is None else _number(rewards[1], "rejected_reward", origin),
         origin=origin,
     )
+
+
+_HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _hh_turns(text: str, name: str, origin: str) -> list[Message]:
+    """An Anthropic-HH transcript (``\\n\\nHuman: ...\\n\\nAssistant: ...``) as messages."""
+    pieces = _HH_TURN.split(text)
+    if pieces[0].strip() or len(pieces) < 3:
+        raise ValueError(
+            f"{origin}: field '{name}' is not an Anthropic-HH transcript: it must start with '\\n\\nHuman:' and "
+            "alternate '\\n\\nHuman:' / '\\n\\nAssistant:' turns"
+        )
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[role], "content": content} for role, content in zip(pieces[1::2], pieces[2::2], strict=True)]
+
+
+def _split_hh_transcripts(chosen: str, rejected: str, origin: str) -> tuple[list[Message], Any, Any]:
+    """Anthropic-HH's ``chosen`` / ``rejected`` transcripts: shared turns, then one final assistant turn each."""
+    chosen_turns, rejected_turns = _hh_turns(chosen, "chosen", origin), _hh_turns(rejected, "rejected", origin)
+    prompt = chosen_turns[:-1]
+    if chosen_turns[-1]["role"] != "assistant" or rejected_turns[-1]["role"] != "assistant":
+        raise ValueError(f"{origin}: an Anthropic-HH transcript must end with an Assistant turn")
+    if not prompt or rejected_turns[:-1] != prompt:
+        raise ValueError(
+            f"{origin}: the Anthropic-HH 'chosen' and 'rejected' transcripts must share every turn but the last"
+        )
+    return prompt, chosen_turns[-1]["content"], rejected_turns[-1]["content"]
 
 
 def _split_implicit_prompt(chosen: Any, rejected: Any, origin: str) -> tuple[list[Message], Any, Any]:

@@ -50,7 +50,7 @@ def load_split(
 ) -> EncodedDataset:
     """Read and encode one split, logging how many records the length limit touched."""
     dataset = EncodedDataset(
-        read_records(path, kind, reader=data.reader, split=data.split),
+        read_records(path, kind, reader=data.reader, split=data.split, cache_dir=data.cache_dir),
         tokenizer,
         max_length=data.max_length,
         over_length=data.over_length,

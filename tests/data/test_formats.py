@@ -387,3 +387,44 @@ def test_a_wrong_format_names_the_path_and_what_was_expected(tmp_path):
     fake.write_text("not parquet")
     with pytest.raises(ValueError, match="not a readable parquet file"):
         read_records(fake, "preference")
+
+
+def test_anthropic_hh_transcripts_split_into_prompt_and_responses():
+    shared = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is 2 + 2?"
+    record = one({"chosen": shared + "\n\nAssistant: 4", "rejected": shared + "\n\nAssistant: 5"}, "preference")
+    assert record.prompt == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "what is 2 + 2?"},
+    ]
+    assert (record.chosen, record.rejected) == ("4", "5")
+    with pytest.raises(ValueError, match="must share every turn but the last"):
+        one({"chosen": shared + "\n\nAssistant: 4", "rejected": "\n\nHuman: other\n\nAssistant: 5"}, "preference")
+
+
+def test_formats_that_cannot_load_say_how_to_convert():
+    with pytest.raises(ValueError, match=r"TRL's language-modeling format .* convert each row to \{\"input\""):
+        one({"text": "a whole document"}, "sft")
+    with pytest.raises(ValueError, match="missing field 'prompt': 'chosen' and 'rejected' are plain text"):
+        one({"chosen": "a", "rejected": "b"}, "preference")
+
+
+def test_the_datasets_reader_names_the_row_and_leaves_no_cache_behind(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    path = write_lines(tmp_path / "pairs.jsonl", [json.dumps(PAIRS[0]), json.dumps({"prompt": "p", "chosen": "c"})])
+    with pytest.raises(ValueError, match=re.escape(f"{path} row 1: missing field 'rejected'")):
+        read_records(path, "preference", reader="datasets", cache_dir=tmp_path / "cache")
+    home = tmp_path / "home"
+    ok = write_lines(tmp_path / "ok.jsonl", [json.dumps(pair) for pair in PAIRS])
+    script = f"from aligner.data.formats import read_records as r; r({str(ok)!r}, 'preference', reader='datasets')"
+    env = {
+        **__import__("os").environ,
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+    }
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    left = [p for p in home.rglob("*") if p.is_file()] if home.exists() else []
+    assert not [p for p in left if "datasets" in str(p) and p.suffix == ".arrow"], left
