@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import aligner._C
-from aligner.ops.logprob import IGNORE_INDEX, check_labels_in_vocab, logprobs_backward, logprobs_forward
+from aligner.ops.logprob import (
+    IGNORE_INDEX,
+    check_labels_in_vocab,
+    check_tensor_args,
+    logprobs_backward,
+    logprobs_forward,
+)
 
 # Rows per chunk: enough that one chunk of float32 logits (rows x V x 4 bytes)
 # takes about DEFAULT_CHUNK_BYTES, but never fewer than MIN_CHUNK_ROWS. Below a
@@ -312,6 +318,7 @@ def linear_token_logprobs(
             ``impl``, or ``impl="cutlass"`` where the fused kernel does not apply.
         IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
     """
+    check_tensor_args("linear_token_logprobs", hidden=hidden, weight=weight, labels=labels)
     check_linear_args(hidden, weight, labels, chunk_size)
     check_temperature(temperature)
     fused = _use_fused_forward(impl, hidden)

@@ -111,6 +111,30 @@ def check_labels_in_vocab(flat_labels: Tensor, vocab: int, ignore_index: int, vo
         )
 
 
+def check_tensor_args(op: str, optional: tuple[str, ...] = (), **arguments: Tensor | None) -> None:
+    """Every argument is a tensor (or None, for the names in ``optional``), all on the first one's device.
+
+    Checked in Python before the op runs: a list or a number would otherwise get the
+    dispatcher's schema error, and a tensor on ``meta`` or another device beside
+    CPU tensors would run the CPU kernel on memory it does not have.
+
+    Raises:
+        TypeError: an argument that is not a tensor (named).
+        ValueError: tensors on different devices (named).
+    """
+    device = None
+    first = None
+    for name, value in arguments.items():
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if device is None:
+            device, first = value.device, name
+        elif value.device != device:
+            raise ValueError(f"{op}: {name} is on {value.device} but {first} is on {device}; put them on one device")
+
+
 def _check_labels(logits: Tensor, labels: Tensor, ignore_index: int) -> None:
     """The label range check of :func:`token_logprobs` for labels on a GPU.
 
@@ -153,6 +177,7 @@ def token_logprobs(
         ValueError: labels not of shape ``logits.shape[:-1]``, temperature <= 0.
         IndexError: a label outside ``[0, V)`` that is not ``ignore_index``.
     """
+    check_tensor_args("token_logprobs", logits=logits, labels=labels)
     _check_labels(logits, labels, ignore_index)
     logprobs, _, _ = logprobs_forward(logits, labels, float(temperature), int(ignore_index), True, False)
     return logprobs
@@ -164,6 +189,7 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     Zero-probability entries (``-inf`` logits) contribute 0. Returns ``[...]`` float32
     (float64 for float64 logits); differentiable w.r.t. ``logits``.
     """
+    check_tensor_args("token_entropy", logits=logits)
     _, entropy, _ = logprobs_forward(logits, None, float(temperature), IGNORE_INDEX, False, True)
     return entropy
 
@@ -177,6 +203,7 @@ def token_logprobs_and_entropy(
     does not depend on the label. Both outputs are differentiable w.r.t. ``logits``.
     Raises as :func:`token_logprobs`.
     """
+    check_tensor_args("token_logprobs_and_entropy", logits=logits, labels=labels)
     _check_labels(logits, labels, ignore_index)
     logprobs, entropy, _ = logprobs_forward(logits, labels, float(temperature), int(ignore_index), True, True)
     return logprobs, entropy

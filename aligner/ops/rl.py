@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 import aligner._C  # noqa: F401  (registers torch.ops.aligner)
+from aligner.ops.logprob import check_tensor_args
 
 KL_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 GAE_MASK_MODES = ("zero", "carry_forward")
@@ -63,6 +64,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1")
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
+    check_tensor_args("kl_penalty", logprobs=logprobs, ref_logprobs=ref_logprobs)
     return torch.ops.aligner.kl_penalty_forward(logprobs, ref_logprobs, KL_ESTIMATORS[estimator])
 
 
@@ -101,6 +103,7 @@ torch.library.register_autograd("aligner::masked_moments", _moments_backward, se
 
 def _moments(x: Tensor, mask: Tensor, dim: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, m2) over ``dim`` (all elements when None) of the valid entries."""
+    check_tensor_args("masked statistics", x=x, mask=mask)
     if not isinstance(mask, Tensor) or mask.shape != x.shape:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {got}")
@@ -171,6 +174,7 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     Raises:
         ValueError: ``mask`` not of the shape of ``x``; ``eps < 0``.
     """
+    check_tensor_args("masked_whiten", x=x, mask=mask)
     if not isinstance(mask, Tensor) or mask.shape != x.shape:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {got}")
@@ -214,6 +218,7 @@ def gae(
     """
     if mask_mode not in GAE_MASK_MODES:
         raise ValueError(f"mask_mode must be one of {GAE_MASK_MODES}, got {mask_mode!r}")
+    check_tensor_args("gae", rewards=rewards, values=values, mask=mask)
     return torch.ops.aligner.gae(
         rewards.detach(), values.detach(), mask, float(gamma), float(lam), mask_mode == "carry_forward"
     )
@@ -245,6 +250,7 @@ def group_advantages(
         raise ValueError(f"baseline must be one of {GROUP_BASELINES}, got {baseline!r}")
     if scale not in GROUP_SCALES:
         raise ValueError(f"scale must be one of {GROUP_SCALES}, got {scale!r}")
+    check_tensor_args("group_advantages", optional=("valid",), rewards=rewards, valid=valid)
     return torch.ops.aligner.group_advantages(
         rewards.detach(), valid, int(group_size), baseline == "leave_one_out", scale == "std", float(eps)
     )

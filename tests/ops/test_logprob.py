@@ -285,3 +285,34 @@ def test_backward_label_outside_shard(dtype):
     else:
         atol = forward_atol(logits, 1.0) * grad_logprobs.abs().max().item()
         assert_close(grad, expected, atol, GRAD_ROUNDOFF[dtype], name="grad")
+
+
+# ------------------------------------------------------------------ inputs that are not what they should be
+
+
+@pytest.mark.parametrize(
+    "call, named",
+    [
+        (lambda x, y: ops.token_logprobs(x.tolist(), y), "logits must be a torch.Tensor, got list"),
+        (lambda x, y: ops.token_logprobs(x, y.tolist()), "labels must be a torch.Tensor, got list"),
+        (lambda x, y: ops.token_entropy(3.0), "logits must be a torch.Tensor, got float"),
+        (lambda x, y: ops.kl_penalty(x[:, 0], [0.0] * 3), "ref_logprobs must be a torch.Tensor, got list"),
+        (lambda x, y: ops.masked_mean(x, x.tolist()), "mask must be a torch.Tensor, got list"),
+        (lambda x, y: ops.gae(x, x, None, gamma=1.0, lam=1.0), "mask must be a torch.Tensor, got NoneType"),
+        (lambda x, y: ops.linear_token_logprobs(x, "w", y), "weight must be a torch.Tensor, got str"),
+    ],
+)
+def test_a_non_tensor_argument_is_a_type_error_naming_it(call, named):
+    logits, labels = torch.randn(3, 7), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match=named):
+        call(logits, labels)
+
+
+def test_tensors_on_another_device_are_refused():
+    logits, labels = torch.randn(3, 7), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="labels is on meta but logits is on cpu"):
+        ops.token_logprobs(logits, labels.to("meta"))
+    with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
+        ops.masked_whiten(logits, torch.ones(3, 7, device="meta"))
+    meta = torch.randn(3, 7, device="meta")
+    assert ops.token_logprobs(meta, labels.to("meta")).device.type == "meta"  # all on meta: shape inference works
