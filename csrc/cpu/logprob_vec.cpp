@@ -39,7 +39,7 @@ float reduce_max(const Vec& v) {
   alignas(64) float lanes[Vec::size()];
   v.store(lanes);
   float m = lanes[0];
-  for (int i = 1; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  for (int i = 1; i < Vec::size(); ++i) m = max_of(m, lanes[i]);
   return m;
 }
 
@@ -66,7 +66,7 @@ const float* load_chunk(const scalar_t* row, int64_t begin, int64_t n, float* bu
     out = buf;
   }
   float m = reduce_max(vmax);
-  for (; i < n; ++i) m = std::max(m, out[i]);
+  for (; i < n; ++i) m = max_of(m, out[i]);
   *chunk_max = m;
   return out;
 }
@@ -94,8 +94,8 @@ template <bool kEntropy>
 SoftmaxStats<float> chunk_stats(const float* x, int64_t n, float chunk_max, float inv_t, SoftmaxStats<float> st) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // inv_t > 0, so max(x) * inv_t is the max of the scaled values.
-  const float m = std::max(st.max, chunk_max * inv_t);
-  if (m == neg_inf) return st;  // every value so far is -inf
+  const float m = max_of(st.max, chunk_max * inv_t);  // NaN stays NaN (softmax_stats.h)
+  if (m == neg_inf) return st;                        // every value so far is -inf
   st = softmax_stats_rescale(st, m);
 
   const Vec vscale(inv_t);
@@ -218,6 +218,10 @@ void backward_rows(const void* args, int64_t row_begin, int64_t row_end) {
     const float g_lp = has_label ? grad_logprobs[r] : 0.f;
     const float g_ent = grad_entropy != nullptr ? grad_entropy[r] : 0.f;
     const float entropy = saved_entropy != nullptr ? saved_entropy[r] : 0.f;
+    if (lse[r] != lse[r]) {  // a NaN row: NaN gradient, as the scalar and CUDA paths give
+      std::fill(grad_row, grad_row + V, scalar_t(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
     if (g_lp == 0.f && g_ent == 0.f) {
       std::fill(grad_row, grad_row + V, scalar_t(0));
       continue;

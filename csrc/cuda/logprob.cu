@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
       z[k] = to_acc(p.v[k]) * inv_t;
       pack_max = max_of(pack_max, z[k]);
     }
-    if (pack_max > st.max) st = softmax_stats_rescale(st, pack_max);
+    if (pack_max > st.max || pack_max != pack_max) st = softmax_stats_rescale(st, pack_max);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       if (z[k] != neg_infinity<acc_t>()) {

@@ -494,3 +494,20 @@ def test_opcheck_on_cuda():
             torch.library.opcheck(getattr(torch.ops.aligner, name).default, args)
         except Exception as error:
             raise AssertionError(f"opcheck of aligner::{name} on CUDA failed") from error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_a_nan_anywhere_in_a_row_makes_the_row_nan(dtype):
+    """As on the CPU (tests/ops/test_cpu_capabilities.py): NaN entropy and gradient rows, NaN log-prob if scored."""
+    logits = torch.randn(6, 3000, device=CUDA).to(dtype)
+    logits[1, 2500] = logits[2, 0] = logits[3, 17] = logits[4, 9] = float("nan")
+    labels = torch.tensor([0, 3, 1, -100, -100, 7], device=CUDA)
+    x = logits.clone().requires_grad_()
+    lp, ent = ops.token_logprobs_and_entropy(x, labels)
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], device=CUDA)
+    (lp.sum() + (ent * weights).sum()).backward()
+    nan_rows = [False, True, True, True, True, False]
+    assert lp.isnan().tolist() == [False, True, True, False, False, False]
+    assert ent.isnan().tolist() == nan_rows
+    assert x.grad.float().isnan().all(-1).tolist() == nan_rows
+    assert x.grad.float().isnan().any(-1).tolist() == nan_rows

@@ -50,3 +50,42 @@ def test_variant_matches_reference(capability):
         assert lp_err < FORWARD_ATOL, (capability, dtype, lp_err)
         assert ent_err < FORWARD_ATOL, (capability, dtype, ent_err)
         assert grad_err < BACKWARD_ATOL[dtype], (capability, dtype, grad_err)
+
+
+NAN_SCRIPT = r"""
+import json, torch, aligner.ops as ops
+torch.manual_seed(0)
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    # rows: clean, NaN in a late chunk (past the first 1024-column block), NaN at column 0, NaN in an
+    # ignore_index row, a row whose upstream gradient is zero (entropy only, no label), then clean again
+    logits = torch.randn(6, 3000).to(dtype)
+    logits[1, 2500] = logits[2, 0] = logits[3, 17] = logits[4, 9] = float("nan")
+    labels = torch.tensor([0, 3, 1, -100, -100, 7])
+    x = logits.clone().requires_grad_()
+    lp, ent = ops.token_logprobs_and_entropy(x, labels)
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    (lp.sum() + (ent * weights).sum()).backward()
+    grad = x.grad.float()
+    out[str(dtype)] = {
+        "logprob_nan": lp.isnan().tolist(),
+        "entropy_nan": ent.isnan().tolist(),
+        "grad_row_all_nan": grad.isnan().all(-1).tolist(),
+        "grad_row_any_nan": grad.isnan().any(-1).tolist(),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_a_nan_anywhere_in_a_row_makes_the_row_nan(capability):
+    """NaN log-prob (0 at ignore_index, which is not scored), NaN entropy, an all-NaN gradient row; other rows clean."""
+    env = dict(os.environ, ALIGNER_CPU_CAPABILITY=capability)
+    result = subprocess.run([sys.executable, "-c", NAN_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    nan_rows = [False, True, True, True, True, False]
+    for dtype, seen in out.items():
+        assert seen["logprob_nan"] == [False, True, True, False, False, False], (capability, dtype)
+        assert seen["entropy_nan"] == nan_rows, (capability, dtype)
+        assert seen["grad_row_all_nan"] == nan_rows, (capability, dtype)
+        assert seen["grad_row_any_nan"] == nan_rows, (capability, dtype)

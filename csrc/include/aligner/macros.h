@@ -29,9 +29,10 @@ ALIGNER_HOST_DEVICE T neg_infinity() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// The larger of a and b; NaN if either is NaN (a NaN logit makes its whole row NaN).
 template <typename T>
 ALIGNER_HOST_DEVICE T max_of(T a, T b) {
-  return a > b ? a : b;
+  return a != a ? a : (a > b ? a : b);
 }
 
 }  // namespace aligner

@@ -11,6 +11,10 @@
 // States over disjoint sets merge exactly (rescale both to the larger max and
 // add), so the CPU chunks, CUDA threads, warps and tensor-parallel ranks all
 // reduce with the same merge.
+//
+// NaN: a NaN logit makes the state's max NaN, and a NaN max stays NaN through every
+// add and merge (max_of propagates it), so log-prob, entropy and gradient of that
+// row are NaN on every device and in every CPU variant, however the row is split.
 #pragma once
 
 #include "aligner/macros.h"
@@ -60,7 +64,7 @@ ALIGNER_HOST_DEVICE SoftmaxStats<acc_t> softmax_stats_merge(SoftmaxStats<acc_t> 
 // Adds one value. The max moves rarely, so the common path is one exp.
 template <typename acc_t>
 ALIGNER_HOST_DEVICE void softmax_stats_add(SoftmaxStats<acc_t>& s, acc_t z) {
-  if (z > s.max) {
+  if (z > s.max || z != z) {
     s = softmax_stats_rescale(s, z);
   }
   if (z == neg_infinity<acc_t>()) {
@@ -79,6 +83,9 @@ ALIGNER_HOST_DEVICE acc_t softmax_stats_lse(const SoftmaxStats<acc_t>& s) {
 
 template <typename acc_t>
 ALIGNER_HOST_DEVICE acc_t softmax_stats_entropy(const SoftmaxStats<acc_t>& s) {
+  if (s.max != s.max) {
+    return s.max;  // a NaN row: NaN, whatever vectorized exp made of the sums
+  }
   return math_log(s.sum_exp) - s.sum_exz / s.sum_exp;
 }
 
