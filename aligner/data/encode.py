@@ -12,6 +12,11 @@ one (ChatML's ``<|im_end|>`` on a base tokenizer whose eos is ``<|endoftext|>``)
 or the one named by ``end_of_turn_token``. A template that ends assistant turns
 with none of them is an error, since the model would never learn to stop.
 
+Already-templated prompts (NeMo-Aligner's ``<extra_id_0>System ... <extra_id_1>User
+... <extra_id_1>Assistant``, or text holding ChatML / Llama-3 / Mistral / Gemma turn
+markers) are not templated a second time: such a single-turn prompt is tokenized as
+it is, and its response is followed by eos.
+
 Plain text (:class:`TextEncoder`): for a tokenizer without a chat template (base
 models) or when asked, a prompt string (formatted by ``prompt_template``, a string
 with ``{prompt}``) and the response are tokenized separately and concatenated, the
@@ -152,6 +157,38 @@ class EncodeReport:
         return f"{text}; max_length {self.max_length}"
 
 
+# Turn markers of the common chat formats: a prompt holding one was rendered already.
+PRETEMPLATED_MARKERS = (
+    "<extra_id_0>System",
+    "<extra_id_1>User",
+    "<extra_id_1>Assistant",
+    "<|im_start|>",
+    "<|start_header_id|>",
+    "[INST]",
+    "<start_of_turn>",
+)
+
+
+def pretemplated_prompt(messages: Sequence[Message]) -> str | None:
+    """The prompt text when ``messages`` is one user turn that already holds a chat format's turn markers."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        text = messages[0]["content"]
+        if any(marker in text for marker in PRETEMPLATED_MARKERS):
+            return text
+    return None
+
+
+def raw_prompt_response(tokenizer, prompt_text: str, response: str, eos_token_id: int) -> EncodedSequence:
+    """``prompt_text`` tokenized as it is, then ``response`` and eos; only the latter are trained."""
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], eos_token_id]
+    return EncodedSequence(
+        input_ids=prompt_ids + response_ids,
+        loss_mask=[False] * len(prompt_ids) + [True] * len(response_ids),
+        prompt_length=len(prompt_ids),
+    )
+
+
 class ChatEncoder:
     """Tokenizes conversations with a tokenizer's chat template and marks the trained tokens.
 
@@ -194,7 +231,10 @@ class ChatEncoder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Prompt tokens ending with the generation prompt (what a policy continues)."""
+        """Prompt tokens ending with the generation prompt (what a policy continues); a pre-templated one as is."""
+        text = pretemplated_prompt(messages)
+        if text is not None:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self.tokens(messages, add_generation_prompt=True)
 
     def conversation(self, messages: Sequence[Message], trained_turns: Sequence[int], origin: str) -> EncodedSequence:
@@ -204,6 +244,9 @@ class ChatEncoder:
             ValueError: the template is not prefix-stable or does not end an assistant turn with eos
                 (the message names ``origin``).
         """
+        text = pretemplated_prompt(messages[:-1])
+        if text is not None and list(trained_turns) == [len(messages) - 1]:
+            return raw_prompt_response(self.tokenizer, text, messages[-1]["content"], self.eos_token_id)
         full = self.tokens(messages, add_generation_prompt=False)
         loss_mask = [False] * len(full)
         for turn in trained_turns:
@@ -268,7 +311,9 @@ class TextEncoder:
                 "use a tokenizer with a chat template for multi-turn data (data.tokenizer)"
             )
         text = "\n\n".join(message["content"] for message in messages)
-        return text if self.prompt_template is None else self.prompt_template.format(prompt=text)
+        if self.prompt_template is None or pretemplated_prompt(messages) is not None:
+            return text
+        return self.prompt_template.format(prompt=text)
 
     def prompt(self, messages: Sequence[Message], origin: str = "prompt") -> list[int]:
         """The prompt's tokens (what a policy continues)."""

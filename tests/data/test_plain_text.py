@@ -97,3 +97,20 @@ def test_the_data_section_picks_the_encoder(tmp_path, tokenizer):
     assert plain[0].sequence.input_ids[-1] == tokenizer.eos_token_id
     with pytest.raises(ConfigError, match="prompt_template applies to plain text"):
         load_split(str(path), "sft", tokenizer, DataConfig(train=str(path), prompt_template="{prompt}"))
+
+
+NEMO_PROMPT = "<extra_id_0>System\n\n<extra_id_1>User\nWhat is 2 + 2?\n<extra_id_1>Assistant\n"
+
+
+def test_an_already_templated_prompt_is_not_templated_again(chatml_tokenizer, base_tokenizer):
+    for tokenizer in (chatml_tokenizer, base_tokenizer):
+        encoder = make_encoder(tokenizer, prompt_template=None)
+        sequence = encoder.prompt_response([{"role": "user", "content": NEMO_PROMPT}], "4", "r0")
+        raw = tokenizer(NEMO_PROMPT, add_special_tokens=False)["input_ids"]
+        assert sequence.input_ids[: sequence.prompt_length][-len(raw) :] == raw
+        prompt_text = tokenizer.decode(sequence.input_ids[: sequence.prompt_length])
+        assert "<|im_start|>" not in prompt_text and prompt_text.count("User") == 1
+        assert sequence.input_ids[-1] == tokenizer.eos_token_id
+    plain = make_encoder(base_tokenizer, prompt_template="<extra_id_1>User\n{prompt}\n<extra_id_1>Assistant\n")
+    text = base_tokenizer.decode(plain.prompt([{"role": "user", "content": NEMO_PROMPT}]))
+    assert text.count("User") == 1
