@@ -99,33 +99,16 @@ def _run_config(checkpoint: Path) -> dict[str, Any]:
 
 def _build(model_section: dict[str, Any]):
     """An untrained model of the run's architecture (weights are loaded over it)."""
-    from aligner.config import ConfigError, ModelSourceConfig
-    from aligner.models.config import ModelConfig
+    from aligner.config import ModelSourceConfig
     from aligner.models.gpt import build_model
-    from aligner.models.hf import config_from_hf
+    from aligner.models.loading import architecture_of
 
     source = ModelSourceConfig(
         hf_path=model_section.get("hf_path"),
         config=model_section.get("config"),
         params_dtype=model_section.get("params_dtype"),
     )
-    if source.config is not None:
-        values = dict(source.config)
-    elif source.hf_path is not None:
-        from transformers import AutoConfig
-
-        if not (Path(source.hf_path) / "config.json").is_file():
-            raise ConfigError(f"model.hf_path {source.hf_path} has no config.json: the architecture is unknown")
-        values = config_from_hf(AutoConfig.from_pretrained(source.hf_path, local_files_only=True)).to_dict()
-    else:
-        raise ConfigError("the run's config has neither model.hf_path nor model.config")
-    if source.params_dtype is not None:
-        values["params_dtype"] = source.params_dtype
-    try:
-        config = ModelConfig.from_dict(values)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.config: {error}") from None
-    return build_model(config, init_weights=False)
+    return build_model(architecture_of(source), init_weights=False)
 
 
 def export_checkpoint(

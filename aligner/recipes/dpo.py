@@ -34,10 +34,9 @@ from aligner.data.splits import load_splits, make_loaders
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
 from aligner.models.loading import build_model_from, check_vocab, frozen_copy
 from aligner.parallel import initialize
-from aligner.trainers.fit import fit
+from aligner.trainers.fit import fit_model
 from aligner.trainers.reference import precompute_sequence_logprobs, with_reference_model, with_reference_table
-from aligner.trainers.run import Run, run_length
-from aligner.trainers.state import build_train_state
+from aligner.trainers.run import Run
 from aligner.trainers.step import weighted_metrics
 
 REFERENCE_MODES = ("precompute", "on_the_fly")
@@ -178,11 +177,7 @@ def run(config: DPORunConfig) -> Run:
             if val_loader is not None:
                 val_loader = with_reference_model(val_loader, reference_model)
     # loop
-    steps = run_length(config.trainer, train_loader)
-    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
-    run.resume()
-    return fit(run, state, make_forward_step(dpo), train_loader, val_loader)
+    return fit_model(config, model, make_forward_step(dpo), train_loader, val_loader)
 
 
 RECIPE = cli.Recipe("dpo", "DPO-family preference optimization", DPORunConfig, run)

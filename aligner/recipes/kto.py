@@ -35,10 +35,9 @@ from aligner.data.splits import load_splits, make_loaders
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
 from aligner.models.loading import build_model_from, check_vocab, frozen_copy
 from aligner.parallel import initialize
-from aligner.trainers.fit import fit
+from aligner.trainers.fit import fit_model
 from aligner.trainers.reference import Annotated, frozen_sequence_logprobs
-from aligner.trainers.run import Run, run_length
-from aligner.trainers.state import build_train_state
+from aligner.trainers.run import Run
 
 
 @dataclass
@@ -159,11 +158,7 @@ def run(config: KTORunConfig) -> Run:
     train_loader = Annotated(train_loader, annotate)
     val_loader = None if val_loader is None else Annotated(val_loader, annotate)
     # loop
-    steps = run_length(config.trainer, train_loader)
-    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader)
-    run.resume()
-    return fit(run, state, make_forward_step(config.kto), train_loader, val_loader)
+    return fit_model(config, model, make_forward_step(config.kto), train_loader, val_loader)
 
 
 RECIPE = cli.Recipe("kto", "KTO on unpaired desirable/undesirable examples", KTORunConfig, run)

@@ -31,9 +31,8 @@ from aligner.data import HELPSTEER2_ATTRIBUTES
 from aligner.data.splits import load_splits, make_loaders
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.parallel import initialize
-from aligner.trainers.fit import fit
-from aligner.trainers.run import Run, run_length
-from aligner.trainers.state import build_train_state
+from aligner.trainers.fit import fit_model
+from aligner.trainers.run import Run
 from aligner.trainers.step import weighted_metrics
 
 KINDS = ("pairwise", "regression")
@@ -123,11 +122,7 @@ def run(config: RMRunConfig) -> Run:
     )
     check_vocab(tokenizer, model)
     # loop
-    steps = run_length(config.trainer, train_loader)
-    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
-    run = Run(config, {"reward_model": state}, total_steps=steps, data=train_loader)
-    run.resume()
-    return fit(run, state, make_forward_step(config.rm), train_loader, val_loader)
+    return fit_model(config, model, make_forward_step(config.rm), train_loader, val_loader, name="reward_model")
 
 
 RECIPE = cli.Recipe("rm", "Reward model training (pairwise or regression)", RMRunConfig, run)

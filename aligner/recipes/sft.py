@@ -24,9 +24,8 @@ from aligner.data.splits import load_splits, make_loaders
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.parallel import initialize
-from aligner.trainers.fit import fit
-from aligner.trainers.run import Run, run_length
-from aligner.trainers.state import build_train_state
+from aligner.trainers.fit import fit_model
+from aligner.trainers.run import Run
 
 
 @dataclass
@@ -55,13 +54,9 @@ def run(config: SFTRunConfig) -> Run:
     # model
     model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
     check_vocab(tokenizer, model)
-    steps = run_length(config.trainer, train_loader)
-    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
-    # loop
-    uniform_loss = math.log(model.aligner_config.vocab_size)  # a collapsed model's token NLL
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader, uniform_loss=uniform_loss)
-    run.resume()
-    return fit(run, state, forward_step, train_loader, val_loader)
+    # loop; a collapsed model's token NLL is ln(vocab_size)
+    uniform_loss = math.log(model.aligner_config.vocab_size)
+    return fit_model(config, model, forward_step, train_loader, val_loader, uniform_loss=uniform_loss)
 
 
 RECIPE = cli.Recipe("sft", "Supervised fine-tuning (SFT)", SFTRunConfig, run)

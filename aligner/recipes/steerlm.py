@@ -62,9 +62,8 @@ from aligner.generation.steerlm import generate_with_attributes_batch
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.parallel import initialize
 from aligner.recipes.sft import forward_step
-from aligner.trainers.fit import fit
-from aligner.trainers.run import Run, run_length
-from aligner.trainers.state import build_train_state
+from aligner.trainers.fit import fit_model
+from aligner.trainers.run import Run
 
 log = logging.getLogger("aligner")
 
@@ -404,12 +403,8 @@ def run(config: SteerLMRunConfig) -> Run:
     model = build_model_from(config.model, tp=config.parallel.tp, pp=config.parallel.pp)
     check_vocab(tokenizer, model)
     # loop: plain SFT on the conditioned conversations
-    steps = run_length(config.trainer, train_loader)
-    state = build_train_state(model, config.optim, total_steps=steps, bf16=config.trainer.bf16)
     uniform_loss = math.log(model.aligner_config.vocab_size)  # a collapsed model's token NLL
-    run = Run(config, {"policy": state}, total_steps=steps, data=train_loader, uniform_loss=uniform_loss)
-    run.resume()
-    return fit(run, state, forward_step, train_loader, val_loader)
+    return fit_model(config, model, forward_step, train_loader, val_loader, uniform_loss=uniform_loss)
 
 
 RECIPE = cli.Recipe("steerlm", "SteerLM: attribute-conditioned supervised fine-tuning", SteerLMRunConfig, run)
