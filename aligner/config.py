@@ -79,10 +79,12 @@ class DataConfig:
     """The training and validation data and how it is tokenized.
 
     Attributes:
-        train: training data in one of the README's data formats: a .jsonl / .json / .parquet file or a folder
-            written by datasets' save_to_disk (NeMo-Aligner / TRL field names accepted).
+        train: training data in one of the README's data formats: a .jsonl / .json / .parquet file, a folder
+            written by datasets' save_to_disk, or a hub dataset name (owner/name) already in the local datasets
+            cache (never downloaded) (NeMo-Aligner / TRL field names accepted).
         val: validation data in the same format; null skips validation.
-        split: the split to read from a saved DatasetDict folder (train and val alike).
+        split: the split of train to read from a saved DatasetDict folder or a hub dataset.
+        val_split: the split of val to read (e.g. test when train and val name the same hub dataset); null: split.
         tokenizer: a local Hugging Face tokenizer folder; null uses model.hf_path's.
         chat_template: true: render records with the tokenizer's chat template; false: plain text (prompt and
             response tokenized separately, the response ended by eos); null: the template when the tokenizer has
@@ -103,6 +105,7 @@ class DataConfig:
     train: str = "???"
     val: str | None = None
     split: str = "train"
+    val_split: str | None = None
     tokenizer: str | None = None
     chat_template: bool | None = None
     prompt_template: str | None = None
@@ -123,6 +126,10 @@ class DataConfig:
             raise ConfigError(f"data.reader must be one of {READERS}, got {self.reader!r}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"data.pad_to_multiple_of must be >= 1 or null, got {self.pad_to_multiple_of}")
+
+    def split_for(self, which: str) -> str:
+        """The dataset split that ``train`` or ``val`` reads (``val_split`` falls back to ``split``)."""
+        return self.val_split or self.split if which == "val" else self.split
 
 
 @dataclass

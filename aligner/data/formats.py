@@ -29,6 +29,7 @@ for in-memory rows and Hugging Face datasets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -147,17 +148,19 @@ def read_records(
     Args:
         source: a ``.jsonl`` / ``.json`` path, a ``.parquet`` file, a folder written by
             ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` read at
-            ``split``), a list of row dicts, or a ``datasets.Dataset``.
+            ``split``), a Hugging Face hub dataset name (``owner/name``, read at ``split`` from
+            the local ``datasets`` cache, never downloaded), a list of row dicts, or a ``datasets.Dataset``.
         kind: one of :data:`RECORD_KINDS`.
         reader: for a path, ``"lines"`` parses it line by line (errors name ``file:line``);
             ``"datasets"`` goes through ``datasets.load_dataset("json", ...)`` (errors name the row).
-        cache_dir: the ``datasets`` cache for ``reader="datasets"`` (its default cache when None).
-        split: the split of a saved ``DatasetDict``.
+        cache_dir: the ``datasets`` cache: for ``reader="datasets"`` (a temporary folder when None)
+            and for hub names (``datasets``' own cache, ``HF_DATASETS_CACHE``, when None).
+        split: the split of a saved ``DatasetDict`` or a hub dataset.
 
     Raises:
         ValueError: an unknown kind or reader, a file of another format, or a malformed row (the message
             names file and line or row).
-        FileNotFoundError: a path that does not exist.
+        FileNotFoundError: a path that does not exist, or a hub name not in the local cache.
         TypeError: a source of another type.
     """
     _check_kind(kind)
@@ -165,6 +168,8 @@ def read_records(
         path = Path(source)
         if path.is_dir():
             return load_saved_dataset(path, kind, split=split)
+        if not path.exists() and is_hub_name(str(source)):
+            return load_cached_hub_dataset(str(source), kind, split=split, cache_dir=cache_dir)
         if not path.exists():
             raise FileNotFoundError(
                 f"data file {path} does not exist (expected a .jsonl / .json / .parquet file or a folder written by "
@@ -284,6 +289,71 @@ def load_saved_dataset(path: str | Path, kind: RecordKind, *, split: str = "trai
     if not records:
         raise ValueError(f"{name}: no records (the dataset is empty)")
     return records
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether ``source`` reads as a hub dataset id (``name`` or ``owner/name``) rather than a file path."""
+    return bool(_HUB_NAME.fullmatch(source)) and not source.lower().endswith(_DATA_SUFFIXES)
+
+
+def load_cached_hub_dataset(
+    name: str, kind: RecordKind, *, split: str = "train", cache_dir: str | Path | None = None
+) -> list[Record]:
+    """Read split ``split`` of hub dataset ``name`` from the local ``datasets`` cache; errors name ``name/split row i``.
+
+    Offline by design: the hub is not contacted (runs never download), so the dataset
+    must have been loaded once on a machine with access (``datasets.load_dataset(name)``),
+    or its cache copied here. ``cache_dir`` is that cache (``HF_DATASETS_CACHE`` when None).
+
+    Raises:
+        FileNotFoundError: ``name`` is neither a file nor in the cache (the message says how to get it there).
+        ValueError: the cached dataset has no split ``split``, or a bad row.
+    """
+    import datasets
+    import datasets.config
+
+    cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser()
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True  # read the cache, never the network
+    try:
+        with _quiet_datasets():
+            loaded = datasets.load_dataset(name, cache_dir=str(cache))
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError):
+        raise FileNotFoundError(
+            f"data source {name!r} is not a file, and no dataset of that name is in the datasets cache at {cache} "
+            "(aligner does not download at run time): load it once where the hub is reachable "
+            f"(python -c \"import datasets; datasets.load_dataset('{name}')\"), copy that cache here and set "
+            "data.cache_dir (or HF_DATASETS_CACHE) to it, or save it as a .jsonl / .parquet / save_to_disk folder"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+    if split not in loaded:
+        raise ValueError(f"{name} (cached at {cache}) holds the splits {sorted(loaded)}, not {split!r}; set data.split")
+    records = read_rows(loaded[split], kind, name=f"{name}/{split}")
+    if not records:
+        raise ValueError(f"{name}/{split}: no records (the dataset is empty)")
+    return records
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets``' "using the latest cached version" warning and progress bars off for one call."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity_error()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars:
+            datasets.utils.enable_progress_bars()
 
 
 def load_json_dataset(path: str | Path, kind: RecordKind, *, cache_dir: str | Path | None = None) -> list[Record]:

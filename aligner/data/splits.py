@@ -46,11 +46,18 @@ def encoder_for(tokenizer, data: DataConfig) -> Encoder:
 
 
 def load_split(
-    path: str, kind: RecordKind, tokenizer, data: DataConfig, attribute_names: Sequence[str] = ()
+    path: str,
+    kind: RecordKind,
+    tokenizer,
+    data: DataConfig,
+    attribute_names: Sequence[str] = (),
+    *,
+    split: str | None = None,
 ) -> EncodedDataset:
-    """Read and encode one split, logging how many records the length limit touched."""
+    """Read and encode one split (``split`` of a saved or hub dataset, ``data.split`` when None), logging how many
+    records the length limit touched."""
     dataset = EncodedDataset(
-        read_records(path, kind, reader=data.reader, split=data.split, cache_dir=data.cache_dir),
+        read_records(path, kind, reader=data.reader, split=split or data.split, cache_dir=data.cache_dir),
         tokenizer,
         max_length=data.max_length,
         over_length=data.over_length,
@@ -67,7 +74,11 @@ def load_splits(
     """``(tokenizer, train, val)``: the run's tokenizer and its encoded splits (``val`` None without ``data.val``)."""
     tokenizer = tokenizer_for(model, data)
     train = load_split(data.train, kind, tokenizer, data, attribute_names)
-    val = None if data.val is None else load_split(data.val, kind, tokenizer, data, attribute_names)
+    val = (
+        None
+        if data.val is None
+        else load_split(data.val, kind, tokenizer, data, attribute_names, split=data.split_for("val"))
+    )
     return tokenizer, train, val
 
 

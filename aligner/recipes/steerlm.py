@@ -371,7 +371,9 @@ def run(config: SteerLMRunConfig) -> Run:
     tokenizer = tokenizer_for(config.model, data)
     splits = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
     records = {
-        split: read_records(path, "regression", reader=data.reader, split=data.split, cache_dir=data.cache_dir)
+        split: read_records(
+            path, "regression", reader=data.reader, split=data.split_for(split), cache_dir=data.cache_dir
+        )
         for split, path in splits.items()
     }
     if section.annotate_rm_checkpoint is not None:

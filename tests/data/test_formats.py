@@ -372,6 +372,63 @@ def test_parquet_and_saved_datasets_load(tmp_path):
         read_records(bad, "preference")
 
 
+def _cache_as_hub_dataset(cache: Path, name: str, splits: dict[str, list[dict]], work: Path) -> None:
+    """Write ``splits`` into ``cache`` where ``datasets.load_dataset(name)`` leaves a hub dataset it fetched.
+
+    That is ``<owner>___<name>/<config>/<version>/<commit>/`` holding the Arrow files and
+    ``dataset_info.json`` of the packaged builder (json here) that read the repository's files.
+    """
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(write_lines(work / f"{split}.jsonl", [json.dumps(row) for row in rows]))
+    builder = Json(data_files=files, cache_dir=str(work / "build"), dataset_name=name.split("/")[-1])
+    builder.download_and_prepare()
+    target = cache / name.replace("/", "___") / "default" / "0.0.0" / "0123456789abcdef0123456789abcdef01234567"
+    target.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, target)
+
+
+def test_hub_dataset_names_read_from_the_local_cache_only(tmp_path):
+    import datasets.config
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    cache = tmp_path / "hf-datasets"
+    _cache_as_hub_dataset(cache, "someone/tiny-prefs", {"train": PAIRS, "test": PAIRS[:1]}, tmp_path)
+    train = read_records("someone/tiny-prefs", "preference", cache_dir=cache)
+    assert [(r.chosen, r.rejected) for r in train] == [("2", "3"), ("4", "5")]
+    assert len(read_records("someone/tiny-prefs", "preference", split="test", cache_dir=cache)) == 1
+    with pytest.raises(ValueError, match=r"someone/tiny-prefs \(cached at .*\) holds the splits \['test', 'train'\], "):
+        read_records("someone/tiny-prefs", "preference", split="validation", cache_dir=cache)
+    # not cached: an error that says the run never downloads and how to get the data there
+    with pytest.raises(
+        FileNotFoundError, match=r"'someone/elsewhere' is not a file, and no dataset .* does not download"
+    ):
+        read_records("someone/elsewhere", "preference", cache_dir=cache)
+    # a file name that does not exist stays a missing file, not a hub name
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_records("pairs.jsonl", "preference", cache_dir=cache)
+    assert offline == datasets.config.HF_HUB_OFFLINE  # the offline switch is the caller's again
+
+
+def test_train_and_val_read_their_own_splits_of_one_hub_dataset(tmp_path, tokenizer_dir):
+    from aligner.config import DataConfig, ModelSourceConfig
+    from aligner.data.splits import load_splits
+
+    cache = tmp_path / "hf-datasets"
+    rows = [{"prompt": f"{i}+1", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(5)]
+    _cache_as_hub_dataset(cache, "someone/prefs", {"train": rows[:4], "test": rows[4:]}, tmp_path)
+    data = DataConfig(
+        train="someone/prefs", val="someone/prefs", val_split="test", cache_dir=str(cache), tokenizer=str(tokenizer_dir)
+    )
+    _, train, val = load_splits(ModelSourceConfig(), data, "preference")
+    assert (len(train), len(val)) == (4, 1)
+    assert (data.split_for("train"), data.split_for("val")) == ("train", "test")
+
+
 def test_a_wrong_format_names_the_path_and_what_was_expected(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text("prompt,chosen,rejected\n")
