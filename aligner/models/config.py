@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer with RMSNorm, SwiGLU and RoPE (Llama, Mistral, Qwen2 layouts).
+    """A decoder-only transformer with RMSNorm, SwiGLU and RoPE (Llama, Mistral, Qwen2, Qwen3 layouts).
 
     Attributes:
         num_layers: transformer layers.
@@ -48,6 +48,8 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon.
         tie_word_embeddings: the output layer reuses the input embedding.
         qkv_bias: bias on the query/key/value projection (Qwen2).
+        qk_layernorm: RMSNorm over each head's query and key (over ``head_dim``, one
+            weight shared by all heads, before RoPE), as Qwen3 has.
         vocab_pad_multiple: the padded vocabulary is a multiple of
             ``vocab_pad_multiple * tp`` (Megatron-LM uses 128 for GPU efficiency).
         params_dtype: "float32", "bfloat16" or "float16".
@@ -69,6 +71,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_layernorm: bool = False
     vocab_pad_multiple: int = 1
     params_dtype: str = "float32"
     hidden_dropout: float = 0.0

@@ -80,6 +80,7 @@ def transformer_config(config: ModelConfig, init_weights: bool = True) -> Transf
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         init_method_std=config.init_std,
@@ -138,7 +139,7 @@ def build_model(
         rope_scaling = {"rope_scaling": True, "rope_scaling_factor": config.rope_scaling_factor}
     model = GPTModel(
         config=transformer_config(config, init_weights),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm),
         vocab_size=padded_vocab_size(config.vocab_size, tp, config.vocab_pad_multiple),
         max_sequence_length=config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

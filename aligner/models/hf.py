@@ -1,8 +1,9 @@
 """Hugging Face Llama-family checkpoints <-> megatron-core GPTModel shards.
 
 ``import_hf`` builds this rank's shard of a GPTModel from a ``LlamaForCausalLM``
-(also ``MistralForCausalLM`` without sliding window, and ``Qwen2ForCausalLM``,
-whose query/key/value projections carry a bias): a checkpoint directory
+(also ``MistralForCausalLM`` without sliding window, ``Qwen2ForCausalLM``, whose
+query/key/value projections carry a bias, and ``Qwen3ForCausalLM``, which
+RMS-normalizes each head's query and key): a checkpoint directory
 (safetensors), a loaded model, or a state dict with its config. Each rank
 reads only the tensors of its pipeline stage. ``export_hf`` gathers the shards
 and writes ``config.json``, ``generation_config.json`` and safetensors (one
@@ -12,6 +13,9 @@ architecture class, token ids and dtype, holds the tokenizer's files, and lists
 the chat template's end-of-turn token among the eos ids, so ``generate`` stops
 where aligner's engine does.
 
+Gemma (1, 2 and 3) is refused: megatron-core's GPTModel cannot express it
+exactly (see :data:`GEMMA_GAPS`).
+
 Weight mapping (Hugging Face -> megatron, full tensors; see
 :mod:`aligner.models.sharding` for how they are split over ranks):
 
@@ -20,6 +24,8 @@ Weight mapping (Hugging Face -> megatron, full tensors; see
 ``layers.i.input_layernorm``      ``decoder.layers.i.input_layernorm``
 ``layers.i.self_attn.{q,k,v}``    ``decoder.layers.i.self_attention.linear_qkv``,
                                   per key/value group ``[q_heads_of_group; k; v]``
+``layers.i.self_attn.{q,k}_norm``  ``decoder.layers.i.self_attention.{q,k}_layernorm``
+                                  (Qwen3; ``[head_dim]``, replicated over ranks)
 ``layers.i.self_attn.o_proj``     ``decoder.layers.i.self_attention.linear_proj``
 ``post_attention_layernorm``      ``decoder.layers.i.pre_mlp_layernorm``
 ``mlp.{gate,up}_proj``            ``decoder.layers.i.mlp.linear_fc1`` = ``[gate; up]``
@@ -43,7 +49,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config, Qwen3Config
 
 from aligner.data.tokenizer import stop_token_ids
 from aligner.models.config import ModelConfig
@@ -55,18 +61,69 @@ _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original
 
 HFSource = str | Path | PreTrainedModel | dict[str, torch.Tensor]
 
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# What each Gemma generation computes that megatron-core's GPTModel (0.16, local
+# layer spec) cannot, so that an import would change the model's outputs. The rest of
+# Gemma it has: a gelu-tanh gated MLP (activation_func), head_dim (kv_channels),
+# query_pre_attn_scalar (softmax_scale), sliding windows (window_size, window_attn_skip_freq).
+_GEMMA_EMBEDDING = (
+    "the input embedding multiplied by sqrt(hidden_size) while the output layer reuses the unscaled tied "
+    "embedding (GPTModel's embedding has no multiplier, and folding it into the tied weight would scale the "
+    "logits too)"
+)
+_GEMMA_NORM = (
+    "RMSNorm applied as x_normed * (1 + weight) (megatron's zero-centred gamma exists only in Transformer "
+    "Engine's norm, which the local spec does not use; adding 1 to the weights at import is not exact "
+    "for bf16 checkpoints)"
+)
+_GEMMA_SANDWICH = (
+    "the extra RMSNorms on the attention and MLP outputs before the residual add "
+    "(post_attention_layernorm / post_feedforward_layernorm; TransformerLayer has no place for them)"
+)
+GEMMA_GAPS = {
+    "gemma": (_GEMMA_EMBEDDING, _GEMMA_NORM),
+    "gemma2": (
+        _GEMMA_EMBEDDING,
+        _GEMMA_NORM,
+        _GEMMA_SANDWICH,
+        "tanh soft-capping of the attention scores (attn_logit_softcapping) and of the final logits "
+        "(final_logit_softcapping)",
+    ),
+    "gemma3_text": (
+        _GEMMA_EMBEDDING,
+        _GEMMA_NORM,
+        _GEMMA_SANDWICH,
+        "a different RoPE base for sliding-window and global layers (GPTModel has one rotary embedding)",
+    ),
+}
+GEMMA_GAPS["gemma3"] = GEMMA_GAPS["gemma3_text"]
+
+
+def _refuse_unsupported(model_type: str) -> None:
+    if model_type in GEMMA_GAPS:
+        gaps = "; ".join(f"({n}) {gap}" for n, gap in enumerate(GEMMA_GAPS[model_type], 1))
+        raise ValueError(
+            f"Hugging Face model_type {model_type!r} (Gemma) is not supported: megatron-core's GPTModel cannot "
+            f"express {gaps}. An approximate import would not reproduce the checkpoint's logits."
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported Hugging Face model_type {model_type!r}; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
 
 def config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
-    """The :class:`ModelConfig` of a Llama / Mistral / Qwen2 Hugging Face config.
+    """The :class:`ModelConfig` of a Llama / Mistral / Qwen2 / Qwen3 Hugging Face config.
 
     Raises:
-        ValueError: for another architecture or a feature megatron's local spec
+        ValueError: for another architecture (for Gemma, naming what megatron-core's
+            GPTModel lacks, see :data:`GEMMA_GAPS`) or a feature megatron's local spec
             does not have (MLP or output-projection bias, sliding-window
             attention, a RoPE scaling other than Llama-3.1's).
     """
     model_type = hf_config.model_type
-    if model_type not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; expected llama, mistral or qwen2")
+    _refuse_unsupported(model_type)
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf_config.hidden_act!r}")
     if getattr(hf_config, "mlp_bias", False) or getattr(hf_config, "attention_bias", False):
@@ -100,12 +157,19 @@ def config_from_hf(hf_config: PretrainedConfig) -> ModelConfig:
         norm_eps=hf_config.rms_norm_eps,
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type == "qwen3",
     )
 
 
 def config_to_hf(config: ModelConfig, **extra: Any) -> PretrainedConfig:
-    """``LlamaConfig`` (``Qwen2Config`` when ``config.qkv_bias``) for ``config``; ``extra`` is passed on
-    (e.g. ``bos_token_id``, ``eos_token_id``)."""
+    """``LlamaConfig`` for ``config`` (``Qwen2Config`` when ``config.qkv_bias``, ``Qwen3Config`` when
+    ``config.qk_layernorm``); ``extra`` is passed on (e.g. ``bos_token_id``, ``eos_token_id``).
+
+    Raises:
+        ValueError: the model has both a query/key/value bias and query/key norms (no
+            Hugging Face family has both), or a query/key/value bias with a head_dim other
+            than ``hidden_size // num_attention_heads`` (Qwen2 derives it).
+    """
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling_factor is not None:
         rope = {**rope, "rope_type": "llama3", "factor": config.rope_scaling_factor, **_LLAMA3_ROPE_FIXED}
@@ -122,6 +186,12 @@ def config_to_hf(config: ModelConfig, **extra: Any) -> PretrainedConfig:
         rope_parameters=rope,
         dtype=config.params_dtype,
     )
+    if config.qkv_bias and config.qk_layernorm:
+        raise ValueError(
+            "no Hugging Face architecture has both a query/key/value bias (Qwen2) and query/key norms (Qwen3)"
+        )
+    if config.qk_layernorm:
+        return Qwen3Config(architectures=["Qwen3ForCausalLM"], head_dim=config.head_dim, **common, **extra)
     if config.qkv_bias:
         if config.head_dim != config.hidden_size // config.num_attention_heads:
             raise ValueError("Qwen2 checkpoints need head_dim == hidden_size // num_attention_heads")
@@ -168,6 +238,9 @@ def hf_to_megatron(
             full[mg + "self_attention.linear_qkv.bias"] = _fuse_qkv(
                 get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), config
             )
+        if config.qk_layernorm:
+            full[mg + "self_attention.q_layernorm.weight"] = get(attn + "q_norm.weight")
+            full[mg + "self_attention.k_layernorm.weight"] = get(attn + "k_norm.weight")
         full[mg + "self_attention.linear_proj.weight"] = get(attn + "o_proj.weight")
         full[mg + "pre_mlp_layernorm.weight"] = get(hf + "post_attention_layernorm.weight")
         full[mg + "mlp.linear_fc1.weight"] = torch.cat(
@@ -202,6 +275,10 @@ def megatron_to_hf(full: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
                 kind = rest.rsplit(".", 1)[1]
                 for proj, part in zip("qkv", _split_qkv(tensor, config), strict=True):
                     hf[f"{prefix}self_attn.{proj}_proj.{kind}"] = part
+            elif rest == "self_attention.q_layernorm.weight":
+                hf[prefix + "self_attn.q_norm.weight"] = tensor
+            elif rest == "self_attention.k_layernorm.weight":
+                hf[prefix + "self_attn.k_norm.weight"] = tensor
             elif rest == "self_attention.linear_proj.weight":
                 hf[prefix + "self_attn.o_proj.weight"] = tensor
             elif rest == "mlp.linear_fc1.weight":
@@ -362,15 +439,20 @@ def export_config(
     if source_config is None:
         hf_config = base
     else:
-        if source_config.model_type not in ("llama", "mistral", "qwen2"):
+        source_type = source_config.model_type
+        if source_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"export_hf: source model_type {source_config.model_type!r} is not llama, mistral or qwen2"
+                f"export_hf: source model_type {source_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if (source_config.model_type == "qwen2") != config.qkv_bias:
-            raise ValueError(
-                f"export_hf: the source is a {source_config.model_type} checkpoint but the model "
-                f"{'has' if config.qkv_bias else 'has no'} query/key/value bias"
-            )
+        for family, has_feature, feature in (
+            ("qwen2", config.qkv_bias, "query/key/value bias"),
+            ("qwen3", config.qk_layernorm, "query/key norms"),
+        ):
+            if (source_type == family) != has_feature:
+                raise ValueError(
+                    f"export_hf: the source is a {source_type} checkpoint but the model "
+                    f"{'has' if has_feature else 'has no'} {feature}"
+                )
         hf_config = copy.deepcopy(source_config)
         for name in _ARCHITECTURE_FIELDS:
             if hasattr(base, name):
@@ -433,10 +515,11 @@ def export_hf(
         model: this rank's shard of a language model.
         out_dir: the folder to write (created if missing).
         source: the Hugging Face folder (or config) the model was imported from:
-            its architecture class (Llama / Mistral / Qwen2), token ids, dtype and
-            other fields are kept; the model supplies the sizes. None: a
+            its architecture class (Llama / Mistral / Qwen2 / Qwen3), token ids, dtype
+            and other fields are kept; the model supplies the sizes. None: a
             ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the model has a
-            query/key/value bias) with transformers' default token ids. A
+            query/key/value bias, ``Qwen3ForCausalLM`` when it has query/key norms)
+            with transformers' default token ids. A
             ``generation_config.json`` in the source supplies the sampling defaults.
         tokenizer: a tokenizer or its folder: its files are saved in ``out_dir``
             and its ids go into both configs: ``bos_token_id``, ``pad_token_id``,

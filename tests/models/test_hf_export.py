@@ -1,8 +1,8 @@
 """Hugging Face exports that transformers' generate stops where aligner's engine stops.
 
 A tiny ChatML-style tokenizer (eos ``<|endoftext|>``, end of turn ``<|im_end|>``)
-and tiny random Llama (fp32), Mistral (bf16) and Qwen2 (bf16) checkpoints are
-built offline. Each is imported, exported with its source and tokenizer, and
+and tiny random Llama (fp32), Mistral (bf16), Qwen2 (bf16) and Qwen3 (bf16)
+checkpoints are built offline. Each is imported, exported with its source and tokenizer, and
 checked: architecture class, token ids (the eos list holds ``<|im_end|>``),
 dtype, tokenizer files and generation_config.json; then greedy generation with
 aligner's engine and with ``transformers`` ``generate`` on the export stop at
@@ -27,6 +27,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 CHATML_TEMPLATE = (
@@ -58,6 +60,11 @@ VARIANTS = {
         torch.bfloat16,
     ),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**_COMMON, bos_token_id=None, eos_token_id=0), torch.bfloat16),
+    "qwen3": (
+        Qwen3ForCausalLM,
+        Qwen3Config(**_COMMON, head_dim=32, bos_token_id=None, eos_token_id=0),
+        torch.bfloat16,
+    ),
 }
 
 

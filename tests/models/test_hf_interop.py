@@ -3,14 +3,32 @@
 Tiny random models built from configs (no downloads) are saved with
 ``save_pretrained``, imported at TP=1, TP=2 and PP=2 (gloo processes), compared
 with transformers' own forward, exported, and loaded back by
-``AutoModelForCausalLM.from_pretrained``.
+``AutoModelForCausalLM.from_pretrained``. Gemma configs are refused with the
+features megatron-core's GPTModel lacks.
 """
+
+import re
 
 import pytest
 import torch
 from distributed import run_distributed
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from aligner.models.config import ModelConfig
+from aligner.models.hf import config_from_hf, config_to_hf, export_config
 
 # fp32; megatron and transformers order a few sums differently (attention,
 # RoPE tables), which costs ~1e-7 at this size. The issue's bound:
@@ -31,6 +49,11 @@ VARIANTS = {
     "llama": (LlamaForCausalLM, LlamaConfig(**_COMMON, rope_theta=500000.0)),
     "llama_tied": (LlamaForCausalLM, LlamaConfig(**_COMMON, tie_word_embeddings=True)),
     "qwen2_qkv_bias": (Qwen2ForCausalLM, Qwen2Config(**_COMMON, rope_theta=1000000.0)),
+    # Per-head query/key RMSNorm; head_dim 32 != hidden 64 / 4 heads (megatron's kv_channels); tied like Qwen3-0.6B.
+    "qwen3_qk_norm_tied": (
+        Qwen3ForCausalLM,
+        Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
+    ),
     "llama3_rope_scaling": (
         LlamaForCausalLM,
         LlamaConfig(
@@ -192,3 +215,53 @@ def test_value_head_reads_final_hidden_states(layout_run, checkpoints, tokens):
         want = hidden @ head["weight"].T + head["bias"]
         assert values.shape == (BATCH, SEQ, VALUE_OUTPUTS)
         torch.testing.assert_close(values, want, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_qwen3_config_maps_to_qk_layernorm_and_back():
+    _, hf_config = VARIANTS["qwen3_qk_norm_tied"]
+    config = config_from_hf(hf_config)
+    assert config.qk_layernorm and not config.qkv_bias and config.tie_word_embeddings
+    assert config.head_dim == 32 != config.hidden_size // config.num_attention_heads
+    back = config_to_hf(config)
+    assert isinstance(back, Qwen3Config) and back.architectures == ["Qwen3ForCausalLM"]
+    assert (back.head_dim, back.attention_bias, back.tie_word_embeddings) == (32, False, True)
+
+
+def test_export_refuses_a_model_without_the_sources_qk_norms_or_bias():
+    qwen3 = config_from_hf(VARIANTS["qwen3_qk_norm_tied"][1])
+    llama = config_from_hf(VARIANTS["llama"][1])
+    with pytest.raises(ValueError, match="qwen3 checkpoint but the model has no query/key norms"):
+        export_config(llama, source=VARIANTS["qwen3_qk_norm_tied"][1])
+    with pytest.raises(ValueError, match="qwen2 checkpoint but the model has no query/key/value bias"):
+        export_config(qwen3, source=VARIANTS["qwen2_qkv_bias"][1])
+    with pytest.raises(ValueError, match="both a query/key/value bias"):
+        config_to_hf(ModelConfig(**{**qwen3.to_dict(), "qkv_bias": True}))
+
+
+# Gemma configs as released (sizes shrunk): the features that keep them out, per generation.
+GEMMA_REFUSALS = [
+    pytest.param(GemmaConfig(**_COMMON, head_dim=16), ["sqrt(hidden_size)", "(1 + weight)"], id="gemma"),
+    pytest.param(
+        Gemma2Config(**_COMMON, head_dim=16),
+        ["sqrt(hidden_size)", "(1 + weight)", "post_feedforward_layernorm", "attn_logit_softcapping"],
+        id="gemma2",
+    ),
+    pytest.param(
+        Gemma3TextConfig(**_COMMON, head_dim=16),
+        ["sqrt(hidden_size)", "(1 + weight)", "post_feedforward_layernorm", "RoPE base"],
+        id="gemma3",
+    ),
+    pytest.param(Gemma3Config(), ["sqrt(hidden_size)", "RoPE base"], id="gemma3_multimodal"),
+]
+
+
+@pytest.mark.parametrize(("hf_config", "features"), GEMMA_REFUSALS)
+def test_gemma_is_refused_naming_what_megatron_lacks(hf_config, features):
+    with pytest.raises(
+        ValueError, match=re.escape("(Gemma) is not supported: megatron-core's GPTModel cannot")
+    ) as info:
+        config_from_hf(hf_config)
+    for feature in features:
+        assert feature in str(info.value), f"{hf_config.model_type}: the message does not name {feature!r}"
+    if hf_config.model_type != "gemma2":  # only Gemma 2 soft-caps: the message must not blame it for the others
+        assert "softcapping" not in str(info.value)

@@ -4,7 +4,8 @@ Every case loads the same full weights (tests/model_weights.py, independent of t
 code) into ``build_model`` shards and runs one training step through
 megatron-core's schedule: ``forward_backward_no_pipelining`` at PP=1, the 1F1B
 schedule at PP=2, two micro-batches each, gloo on CPU; the tied-embedding case
-also goes through megatron's DistributedDataParallel and finalize_model_grads.
+(with Qwen3's per-head query/key norms) also goes through megatron's
+DistributedDataParallel and finalize_model_grads.
 """
 
 from dataclasses import replace
@@ -70,7 +71,7 @@ def _full_grads(model, grad_attr: str) -> dict[str, torch.Tensor]:
     return gather_full_state_dict(model)
 
 
-KINDS = ("lm", "value", "tied_lm_ddp")
+KINDS = ("lm", "value", "tied_qk_norm_lm_ddp")
 
 
 def worker(tp: int, pp: int, state_dict, batches):
@@ -95,10 +96,12 @@ def worker(tp: int, pp: int, state_dict, batches):
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
     }
     for kind in KINDS:
-        if kind == "tied_lm_ddp":
+        if kind == "tied_qk_norm_lm_ddp":
             # Tied embeddings: at PP=2 the last stage holds a copy of the embedding whose
             # gradient megatron's DDP + finalize_model_grads must add to the first stage's.
-            model = build_model(replace(CONFIG, tie_word_embeddings=True), init_weights=False)
+            # Query/key norms: replicated weights that each TP rank applies to its own heads,
+            # so finalize_model_grads must sum their gradients over the TP ranks.
+            model = build_model(replace(CONFIG, tie_word_embeddings=True, qk_layernorm=True), init_weights=False)
             load_full_state_dict(model, {k: v for k, v in state_dict.items() if k != "output_layer.weight"})
             model.config.finalize_model_grads_func = finalize_model_grads
             wrapped = DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
@@ -134,7 +137,11 @@ def _merge(results: list[dict]) -> dict:
 def inputs():
     tokens = torch.randint(0, CONFIG.vocab_size, (MICRO_BATCHES, MICRO_BATCH, SEQ + 1))
     batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
-    return random_full_state_dict(CONFIG, int(torch.randint(0, 2**31, ())), VALUE_OUTPUTS), batches
+    state_dict = random_full_state_dict(CONFIG, int(torch.randint(0, 2**31, ())), VALUE_OUTPUTS)
+    for i in range(CONFIG.num_layers):  # read only by the qk-norm case
+        for norm in ("q_layernorm", "k_layernorm"):
+            state_dict[f"decoder.layers.{i}.self_attention.{norm}.weight"] = 1.0 + 0.1 * torch.randn(CONFIG.head_dim)
+    return state_dict, batches
 
 
 @pytest.fixture(scope="module")
