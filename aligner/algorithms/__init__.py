@@ -1,4 +1,4 @@
-"""Loss functions of the offline alignment algorithms, one file per algorithm.
+"""Loss functions of the alignment algorithms (offline and online), one file per algorithm.
 
 Every public function here is pure: tensors in, ``(per-example loss, metrics)``
 out, no process groups and no global state (the one exception says so in its
@@ -15,6 +15,15 @@ its per-example loss is meant to be divided by.
 - :mod:`aligner.algorithms.dpo`: the DPO family (DPO/cDPO, IPO, hinge,
   NeMo-Aligner's reward-aware RPO, SimPO, ORPO) and the optional SFT term.
 - :mod:`aligner.algorithms.kto`: KTO with its KL reference point.
+- :mod:`aligner.algorithms.policy_gradient`: what the online RL losses share:
+  loss aggregation (token-mean, seq-mean-token-mean/-sum, Dr. GRPO's
+  sum / (N * L_max)) normalized by global counts, the clipped surrogate
+  (clip-higher, dual clip, GSPO's sequence ratio), KL in the loss or in the
+  reward, engine-vs-trainer importance weights and mismatch metrics.
+- :mod:`aligner.algorithms.grpo`: GRPO advantages, DAPO's dynamic sampling and
+  overlong shaping, and the GRPO / DAPO / Dr. GRPO / GSPO presets.
+- :mod:`aligner.algorithms.reinforce`: NeMo-Aligner's REINFORCE (leave-one-out
+  baseline, KL in the reward) and RLOO advantages.
 
 Metrics are dicts of detached 0-dim tensors (per-attribute metrics are
 ``[K]``), never Python floats, so that reading them costs no device sync until
