@@ -1,156 +1,62 @@
-"""The built-in generation engine: KV-cached sampling from a megatron-core GPTModel in plain torch.
+"""The built-in generation engine: batched, KV-cached sampling from a megatron-core GPTModel in plain torch.
 
-    out = generate(model, [[5, 9, 2], [7]], max_new_tokens=16, eos_token_id=1, pad_token_id=0)
-    out.tokens          # [B, S] right-padded prompt + response
-    out.prompt_lengths  # [B]
-    out.lengths         # [B] prompt + response tokens (an eos, when drawn, is included)
-    out.is_end          # [B] True where the response ended with eos, False where it hit max_new_tokens
+    engine = TorchEngine(model, eos_token_id=2, pad_token_id=0, detokenize=tokenizer.decode)
+    rollouts = engine.generate([[5, 9, 2], [7]], SamplingParams(max_new_tokens=16, temperature=0.7, seed=1))
+    engine.refit(actor, version=1)        # the trainer's own model: a no-op that records the version
 
 It runs anywhere megatron-core does (CPU with gloo, GPU), and is the reference
-the faster engines are checked against. It keeps keys and values in
-megatron-core's static KV cache (``StaticInferenceContext``) and walks all rows
-in lockstep over positions, as megatron's own static-batch generator does:
-the first forward encodes the shortest prompt's length for every row; each
-later forward feeds one position of every row, which is the next prompt token
-for a row still inside its (longer) prompt and the last sampled token for the
-others. Right padding keeps every row at RoPE positions ``0..S-1``, so a row
-gets the tokens it would get alone. A row that has stopped still rides along
-(the static cache cannot shrink its batch) until every row is done. Cost:
-``max(P) + T - min(P)`` forwards of one token per row for prompts of lengths
-``P`` and ``T`` new tokens, attention ``O(B * (max(P) + T)^2)`` in all.
+the faster engines are checked against.
+
+How a batch is generated:
+
+1. Prefill: the prompts, right-padded, go through the model in one forward
+   (causal attention, and no row attends to its padding), filling the KV
+   cache and giving each row's first token from the logits at its last
+   prompt token.
+2. Decode: each later forward feeds one token per live row. The cache keeps a
+   slot per row and position, so a row's tokens sit at their own positions
+   ``0, 1, ...`` (RoPE sees exactly the positions the row would see alone)
+   and each row attends to its own length only.
+3. Compaction: a row that draws a stop (eos, a stop token, a stop string) or
+   reaches ``max_new_tokens`` leaves the batch and the cache at once, so the
+   following forwards cost what the live rows cost.
+
+The forward is the model's own modules called in order (embedding, per layer
+the input norm, the query/key/value projection with any query/key norm,
+megatron's RoPE, the output projection, the MLP and its norm, then the final
+norm and the output layer); only the attention over the cache is this
+module's (``scaled_dot_product_attention`` over the cached keys and values).
+Tests hold it to the full forward of the model without a cache.
 
 Tensor parallelism: every rank of the tensor-parallel group runs the same
-forward on the same prompts; the logits are gathered to the full vocabulary
-(``runtime_gather_output=True``), padding columns are masked, every rank
-draws, and the tensor-parallel source rank's tokens are broadcast so the ranks
-can never diverge (pass generators seeded alike on every rank to keep their
-states in step too). Pipeline and context parallelism are not supported.
+forward on the same prompts (the projections exchange what megatron's
+parallel layers exchange); the logits are gathered to the full vocabulary,
+padding columns are masked, every rank draws, and the tensor-parallel source
+rank's tokens and log-probs are broadcast so the ranks never diverge (seed the
+draws alike on every rank to keep their generators in step too). Pipeline and
+context parallelism are not supported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from torch import Tensor
 
+from aligner.generation.base import Engine, HFWeightBuckets, Rollouts, SamplingParams, StaleWeightsError
+from aligner.generation.refit import hf_weight_buckets, unwrap_model
+from aligner.generation.sampling import sample_with_logprobs
+from aligner.models.config import ModelConfig
 from aligner.models.gpt import mask_padded_vocab
 
-
-@dataclass
-class GenerationOutput:
-    """Prompts and their sampled responses, right-padded.
-
-    Attributes:
-        tokens: ``[B, S]`` int64, row ``b`` holds its prompt then its response in
-            ``[0, lengths[b])`` and the pad id after; ``S = max(lengths)``.
-        prompt_lengths: ``[B]`` int64 prompt tokens per row.
-        lengths: ``[B]`` int64 prompt + response tokens per row (the eos token,
-            when drawn, is part of the response).
-        is_end: ``[B]`` bool, True where the response stopped at eos, False where
-            it ran out of ``max_new_tokens``.
-    """
-
-    tokens: Tensor
-    prompt_lengths: Tensor
-    lengths: Tensor
-    is_end: Tensor
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-
-
-def _check_logits(logits: Tensor) -> None:
-    if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating [batch, vocab] tensor, got {logits.dtype} {tuple(logits.shape)}")
-
-
-def sampling_probs(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """The distribution the next token is drawn from, after temperature, top-k and top-p.
-
-    In that order (as Hugging Face's samplers do): ``z = logits / temperature``;
-    top-k keeps the tokens whose ``z`` is at least the ``k``-th largest (ties at
-    the boundary are kept); top-p (nucleus) then keeps, in decreasing order of
-    probability, every token whose preceding mass is below ``top_p``, so the
-    most likely token always survives. Removed tokens get probability 0 and the
-    rest is renormalized.
-
-    Args:
-        logits: ``[B, V]`` float logits (padding columns already at the dtype's lowest value).
-        temperature: ``> 0`` divisor.
-        top_k: keep the ``top_k`` most likely tokens; 0 keeps all.
-        top_p: keep the smallest prefix of the sorted distribution reaching ``top_p``; 1 keeps all.
-
-    Returns:
-        ``[B, V]`` float32 probabilities, each row summing to 1.
-
-    Raises:
-        ValueError: ``logits`` not a floating 2-D tensor, ``temperature <= 0``,
-            ``top_k < 0`` or ``top_p`` outside ``(0, 1]``.
-    """
-    _check_logits(logits)
-    _check_sampling(temperature, top_k, top_p)
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        remove = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        scaled = scaled.masked_fill(remove, float("-inf"))
-    return scaled.softmax(dim=-1)
-
-
-def sample_next_token(
-    logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One token per row: ``argmax(logits)`` when ``greedy``, else one draw from :func:`sampling_probs`.
-
-    The draw is ``torch.multinomial(sampling_probs(logits, ...), 1, generator=generator)``,
-    so a generator in a known state gives a known token.
-
-    Args:
-        logits: ``[B, V]`` float logits.
-        temperature, top_k, top_p: see :func:`sampling_probs` (ignored when ``greedy``).
-        greedy: take the most likely token (the first of tied maxima).
-        generator: the random stream to draw from (on the logits' device); None: torch's default.
-
-    Returns:
-        ``[B]`` int64 token ids.
-
-    Raises:
-        ValueError: see :func:`sampling_probs`.
-    """
-    _check_logits(logits)
-    if greedy:
-        return logits.argmax(dim=-1)
-    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside wrappers that keep it as ``.module`` (megatron DDP, Float16Module)."""
-    while not hasattr(model, "aligner_config") and hasattr(model, "module"):
-        model = model.module
-    return model
+log = logging.getLogger(__name__)
 
 
 def _check_parallel() -> None:
@@ -163,24 +69,489 @@ def _check_parallel() -> None:
         )
 
 
+def _check_layout(model: torch.nn.Module) -> None:
+    """Refuse what the engine's layer loop does not reproduce (it is the plain pre-norm RoPE decoder)."""
+    config = model.config
+    unsupported = {
+        "position_embedding_type != 'rope'": model.position_embedding_type != "rope",
+        "multi_latent_attention": config.multi_latent_attention,
+        "attention_output_gate": config.attention_output_gate,
+        "softmax_type != 'vanilla'": config.softmax_type != "vanilla",
+        "window_size": config.window_size is not None,
+        "apply_residual_connection_post_layernorm": config.apply_residual_connection_post_layernorm,
+        "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
+        "sequence_parallel": config.sequence_parallel,
+        "mtp_num_layers": bool(config.mtp_num_layers),
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise NotImplementedError(f"the torch generation engine does not support {found}")
+
+
 def _check_ids(name: str, ids: Sequence[int], vocab_size: int) -> None:
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise ValueError(f"{name} hold(s) token id(s) {bad[:8]} outside [0, {vocab_size}) (the vocabulary)")
 
 
-def _agree_across_tensor_parallel(next_tokens: Tensor) -> Tensor:
-    """The tensor-parallel source rank's tokens on every rank of its group."""
+def _broadcast_from_tensor_parallel_source(tensor: Tensor) -> Tensor:
+    """The tensor-parallel source rank's ``tensor`` on every rank of its group (in place)."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.broadcast(
-            next_tokens,
+            tensor,
             src=parallel_state.get_tensor_model_parallel_src_rank(),
             group=parallel_state.get_tensor_model_parallel_group(),
         )
-    return next_tokens
+    return tensor
 
 
-@torch.no_grad()
+def _add_output(hidden: Tensor, output_and_bias: tuple[Tensor, Tensor | None]) -> Tensor:
+    """The residual add of a megatron ``(output, bias)`` pair (no dropout: generation runs in eval mode)."""
+    output, bias = output_and_bias
+    hidden = hidden + output
+    return hidden if bias is None else hidden + bias
+
+
+def _convert_part(
+    pending: dict[str, Tensor], config: ModelConfig, layers: list[int], ends: bool
+) -> tuple[dict[str, Tensor], set[str]] | None:
+    """Megatron tensors of ``layers`` (and of the embedding, final norm and head when ``ends``) from the
+    Hugging Face tensors in ``pending``, with the names it used; None while one is missing."""
+    from aligner.models.hf import hf_to_megatron
+
+    used: set[str] = set()
+
+    def get(name: str) -> Tensor:
+        used.add(name)
+        return pending[name]
+
+    try:
+        return hf_to_megatron(get, config, layers, first_stage=ends, last_stage=ends), used
+    except KeyError:
+        return None
+
+
+class _KVCache:
+    """Every layer's keys and values, ``[batch, kv_heads, max_len, head_dim]``: one slot per row and position.
+
+    A layer's buffers are made at its first write, in the dtype of its keys and values.
+    """
+
+    def __init__(self, layers: int, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.keys: list[Tensor | None] = [None] * layers
+        self.values: list[Tensor | None] = [None] * layers
+
+    def write(self, layer: int, key: Tensor, value: Tensor, positions: Tensor) -> None:
+        """Store ``key``/``value`` ``[seq, batch, kv_heads, head_dim]`` at ``positions`` ``[batch, seq]``."""
+        seq, batch, heads, dim = key.shape
+        if self.keys[layer] is None:
+            # Zeros, not empty memory: attention multiplies the values of masked-out slots by a
+            # probability of 0, and 0 * (NaN left in uninitialized memory) would be NaN.
+            self.keys[layer] = key.new_zeros((self.batch, heads, self.max_len, dim))
+            self.values[layer] = value.new_zeros((self.batch, heads, self.max_len, dim))
+        index = positions[:, None, :, None].expand(batch, heads, seq, dim)
+        self.keys[layer].scatter_(2, index, key.permute(1, 2, 0, 3))
+        self.values[layer].scatter_(2, index, value.permute(1, 2, 0, 3))
+
+    def read(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``[0, length)``, ``[batch, kv_heads, length, head_dim]`` each."""
+        return self.keys[layer][:, :, :length], self.values[layer][:, :, :length]
+
+    def keep(self, rows: Tensor, length: int) -> None:
+        """Drop every batch row not in ``rows`` (kept in that order); positions past ``length`` are not copied."""
+        self.batch = len(rows)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = old.new_zeros((len(rows), *old.shape[1:]))
+                new[:, :, :length] = old[rows, :, :length]
+                store[layer] = new
+
+
+class TorchEngine(Engine):
+    """The built-in engine over a megatron-core GPTModel shard (see the module docstring).
+
+    Args:
+        model: a language model from :func:`aligner.models.gpt.build_model` (or a
+            wrapper holding it as ``.module``), this rank's tensor-parallel shard.
+            The engine generates with it in place: pass the trainer's model to
+            share its weights (refit is then free), or a separate model to refit
+            from Hugging Face-named buckets.
+        eos_token_id: the id (or ids) that end a response (stop reason ``"eos"``);
+            an empty list never stops early on its own.
+        pad_token_id: the id that fills rows after their end.
+        vocab_size: the real vocabulary size (ids at or beyond it are never drawn);
+            None reads the model's config.
+        detokenize: token ids -> text, for ``SamplingParams.stop_strings``
+            (e.g. ``tokenizer.decode``).
+        version: the version of the weights ``model`` holds now.
+
+    Raises:
+        ValueError: a value model, a model not from ``build_model`` without ``vocab_size``,
+            an eos or pad id outside the vocabulary.
+        NotImplementedError: pipeline- or context-parallel size above 1, or a model
+            feature the engine's layer loop does not reproduce.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int,
+        vocab_size: int | None = None,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+        version: int = 0,
+    ):
+        _check_parallel()
+        inner = unwrap_model(model)
+        if getattr(inner, "aligner_num_value_outputs", None) is not None:
+            raise ValueError("generation needs a language model; this one was built with num_value_outputs")
+        config = getattr(inner, "aligner_config", None)
+        if vocab_size is None:
+            if config is None:
+                raise ValueError("pass vocab_size: the model was not built by aligner.models.gpt.build_model")
+            vocab_size = config.vocab_size
+        _check_layout(inner)
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        _check_ids("eos_token_id", eos_ids, vocab_size)
+        _check_ids("pad_token_id", [pad_token_id], vocab_size)
+        self.model = inner
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_ids)
+        self.pad_token_id = pad_token_id
+        self.detokenize = detokenize
+        self.last_refit_s = 0.0
+        self._version = version
+        self._refit_failed = False
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def sleep(self) -> None:
+        """Return freed cached GPU memory to the device; nothing else to release.
+
+        The engine keeps no KV cache between calls and shares or owns only its model's
+        weights, which stay where they are.
+        """
+        if next(self.model.parameters()).is_cuda:
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Nothing to restore: :meth:`sleep` moved nothing."""
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        expected_version: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollouts:
+        """Sample one response per prompt; see :class:`~aligner.generation.base.Rollouts` for what comes back.
+
+        The model runs in eval mode (no dropout) and is put back in its former
+        mode afterwards. A collective over the tensor-parallel group: all its
+        ranks call it with the same prompts and sampling.
+
+        Args:
+            prompts: ``B`` non-empty lists of token ids, of any lengths.
+            sampling: how to draw.
+            expected_version: the weights version the caller requires (None: any).
+            generator: the random stream of the draws, instead of one seeded by ``sampling.seed``.
+
+        Raises:
+            StaleWeightsError: the weights are older than ``expected_version``, or the last refit failed.
+            ValueError: no or an empty prompt, a token id outside the vocabulary, a prompt
+                plus ``max_new_tokens`` beyond the model's ``max_position_embeddings``,
+                stop strings without ``detokenize``.
+        """
+        self.check_version(expected_version)
+        if self._refit_failed:
+            raise StaleWeightsError("the last refit failed partway: the weights are mixed; refit again")
+        self._check_request(prompts, sampling)
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        if generator is None and sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rollouts = self._generate(prompts, sampling, generator, device)
+        finally:
+            self.model.train(was_training)
+        seconds = time.perf_counter() - start
+        response_tokens = float((rollouts.lengths - rollouts.prompt_lengths).sum())
+        rollouts.metrics.update(
+            generate_s=seconds, response_tokens=response_tokens, tokens_per_s=response_tokens / seconds
+        )
+        return rollouts
+
+    def _check_request(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> None:
+        if not prompts or any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        for index, prompt in enumerate(prompts):
+            _check_ids(f"prompts[{index}]", prompt, self.vocab_size)
+        _check_ids("stop_token_ids", sampling.stop_token_ids, self.vocab_size)
+        if sampling.stop_strings and self.detokenize is None:
+            raise ValueError("stop_strings need a detokenize function: build the engine with detokenize=...")
+        longest = max(len(prompt) for prompt in prompts) + sampling.max_new_tokens
+        limit = self.model.aligner_config.max_position_embeddings if hasattr(self.model, "aligner_config") else None
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"the longest prompt plus max_new_tokens is {longest} tokens, beyond the model's "
+                f"max_position_embeddings {limit}"
+            )
+
+    def _generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> Rollouts:
+        batch = len(prompts)
+        prompt_sizes = [len(prompt) for prompt in prompts]
+        longest_prompt = max(prompt_sizes)
+        max_len = longest_prompt + sampling.max_new_tokens
+        tokens = torch.full((batch, max_len), self.pad_token_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+        prompt_lengths = torch.tensor(prompt_sizes, dtype=torch.long, device=device)
+        lengths = prompt_lengths.clone()
+        logprobs = torch.zeros(batch, max_len - 1, dtype=torch.float32, device=device)
+        stop_reason = [""] * batch
+        responses: list[list[int]] = [[] for _ in range(batch)]  # each row's response so far
+
+        cache = _KVCache(len(self.model.decoder.layers), batch, max_len)
+        # [max_len, 1, rot_dim]: megatron's RoPE angles of positions 0..max_len-1 (rope scaling included)
+        freqs = self.model.rotary_pos_emb(max_len)[:, 0]
+
+        # step 1: prefill, right-padded; row b attends causally to its first prompt_lengths[b] tokens
+        positions = torch.arange(longest_prompt, device=device).expand(batch, -1)
+        mask = None
+        if min(prompt_sizes) < longest_prompt:
+            key_valid = positions < prompt_lengths[:, None]  # [B, P]
+            mask = torch.ones(longest_prompt, longest_prompt, dtype=torch.bool, device=device).tril()
+            mask = mask[None, None] & key_valid[:, None, None, :]
+        logits = self._forward(tokens[:, :longest_prompt], positions, freqs, cache, mask, last=prompt_lengths - 1)
+        forwards, decode_rows = 1, 0
+
+        rows = torch.arange(batch, device=device)  # the original row of each batch row
+        row_list = list(range(batch))
+        while True:
+            # step 2: draw one token per live row and record it
+            last = mask_padded_vocab(logits.float(), self.vocab_size)
+            next_tokens, next_logprobs = sample_with_logprobs(
+                last,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                greedy=sampling.greedy,
+                generator=generator,
+            )
+            next_tokens = _broadcast_from_tensor_parallel_source(next_tokens)
+            next_logprobs = _broadcast_from_tensor_parallel_source(next_logprobs)
+            columns = lengths[rows]
+            tokens[rows, columns] = next_tokens
+            logprobs[rows, columns - 1] = next_logprobs
+            lengths[rows] = columns + 1
+
+            # step 3: stop rows and drop them from the batch and the cache
+            keep = []
+            for index, (row, token) in enumerate(zip(row_list, next_tokens.tolist(), strict=True)):
+                responses[row].append(token)
+                reason = self._stop_reason(responses[row], sampling)
+                if reason is None:
+                    keep.append(index)
+                else:
+                    stop_reason[row] = reason
+            if not keep:
+                break
+            if len(keep) < len(row_list):
+                kept = torch.tensor(keep, dtype=torch.long, device=device)
+                rows, next_tokens = rows[kept], next_tokens[kept]
+                row_list = [row_list[index] for index in keep]
+                cache.keep(kept, int(lengths[rows].max()) - 1)
+
+            # step 4: decode one position per live row, each at its own position
+            positions = (lengths[rows] - 1)[:, None]  # [b, 1]: where the token just drawn goes
+            length = int(positions.max()) + 1
+            mask = None
+            if int(positions.min()) + 1 < length:
+                mask = (torch.arange(length, device=device) <= positions)[:, None, None, :]  # [b, 1, 1, L]
+            logits = self._forward(next_tokens[:, None], positions, freqs, cache, mask)
+            forwards += 1
+            decode_rows += len(row_list)
+
+        width = int(lengths.max())
+        return Rollouts(
+            tokens=tokens[:, :width],
+            prompt_lengths=prompt_lengths,
+            lengths=lengths,
+            is_end=torch.tensor([reason != "length" for reason in stop_reason], device=device),
+            stop_reason=stop_reason,
+            logprobs=logprobs[:, : width - 1],
+            weights_version=self._version,
+            metrics={"forwards": float(forwards), "decode_rows": float(decode_rows)},
+        )
+
+    def _stop_reason(self, response: list[int], sampling: SamplingParams) -> str | None:
+        """Why a row whose response is now ``response`` stops, or None if it goes on.
+
+        Stop strings decode the whole response at every step (simple and exact across
+        token boundaries; quadratic in the response length, cheap next to the forwards here).
+        """
+        token = response[-1]
+        if token in self.eos_token_ids:
+            return "eos"
+        if token in sampling.stop_token_ids:
+            return "stop_token"
+        if sampling.stop_strings:
+            text = self.detokenize(response)
+            if any(stop in text for stop in sampling.stop_strings):
+                return "stop_string"
+        if len(response) >= sampling.max_new_tokens:
+            return "length"
+        return None
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        freqs: Tensor,
+        cache: _KVCache,
+        mask: Tensor | None,
+        last: Tensor | None = None,
+    ) -> Tensor:
+        """Logits ``[b, padded_vocab]`` (gathered over tensor-parallel ranks) after feeding ``input_ids``.
+
+        Args:
+            input_ids: ``[b, s]`` tokens, at ``positions`` ``[b, s]`` of their rows.
+            freqs: ``[max_len, 1, rot_dim]`` RoPE angles by position.
+            cache: written at ``positions``; attention reads positions ``0..max(positions)``.
+            mask: ``[b, 1, s, L]`` bool, True where a query may attend a key; None: causal when
+                ``s > 1``, everything when ``s == 1``.
+            last: ``[b]`` index into ``s`` of the position whose logits to return; None: the last.
+        """
+        model = self.model
+        seq, batch = input_ids.shape[1], input_ids.shape[0]
+        length = int(positions.max()) + 1
+        hidden = model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, hidden]
+        rotary = freqs[positions.T]  # [s, b, 1, rot_dim]
+        for index, layer in enumerate(model.decoder.layers):
+            attention = layer.self_attention
+            query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))
+            query = apply_rotary_pos_emb(query, rotary, config=attention.config)
+            key = apply_rotary_pos_emb(key, rotary, config=attention.config)
+            cache.write(index, key, value, positions)
+            keys, values = cache.read(index, length)
+            context = F.scaled_dot_product_attention(
+                query.permute(1, 2, 0, 3),  # [b, heads, s, head_dim]
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=mask is None and seq > 1,
+                scale=attention.core_attention.softmax_scale,
+                enable_gqa=True,
+            )
+            context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+            hidden = _add_output(hidden, attention.linear_proj(context))
+            hidden = _add_output(hidden, layer.mlp(layer.pre_mlp_layernorm(hidden)))
+        hidden = hidden[-1:] if last is None else hidden[last, torch.arange(batch, device=hidden.device)][None]
+        hidden = model.decoder.final_layernorm(hidden)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits[0]
+
+    # ------------------------------------------------------------------ refit
+
+    def _check_new_version(self, version: int) -> None:
+        if version < self._version:
+            raise ValueError(f"refit to version {version} is older than the engine's weights (version {self._version})")
+
+    def refit(self, source: torch.nn.Module, version: int) -> float:
+        """Take the weights of ``source`` as version ``version``; returns the seconds it took.
+
+        When the engine generates with ``source`` itself (the trainer's model
+        object, wrappers aside), the weights are already there: only the version
+        changes. Otherwise ``source``'s weights travel as Hugging Face-named
+        buckets (:func:`aligner.generation.refit.hf_weight_buckets`, a collective
+        over the tensor-parallel group) into :meth:`refit_from_hf_buckets`.
+
+        Raises:
+            ValueError: ``version`` is older than the engine's; see :meth:`refit_from_hf_buckets`.
+        """
+        self._check_new_version(version)
+        if unwrap_model(source) is not self.model:
+            return self.refit_from_hf_buckets(hf_weight_buckets(source), version)
+        self._version = version
+        self.last_refit_s = 0.0
+        log.info("refit to version %d: shares the trainer's weights, nothing to copy", version)
+        return 0.0
+
+    @torch.no_grad()
+    def refit_from_hf_buckets(self, buckets: HFWeightBuckets, version: int) -> float:
+        """Load every weight from Hugging Face-named buckets as version ``version``; returns the seconds it took.
+
+        Each bucket's tensors are converted to megatron's layout with
+        :func:`aligner.models.hf.hf_to_megatron` (the import/export mapping) as
+        soon as all the tensors of one layer (or of the embedding, final norm and
+        head together) have arrived, in any order, and the Hugging Face tensors
+        are dropped; the converted model (one full copy) is then loaded into this
+        rank's shard with :func:`aligner.models.sharding.load_full_state_dict`.
+        If anything fails after the version check, the engine refuses to generate
+        until a refit succeeds.
+
+        Raises:
+            ValueError: ``version`` is older than the engine's, a name arrives twice, or
+                a name is not one of the model's.
+            KeyError: the buckets ended without a tensor the model needs.
+        """
+        from aligner.models.sharding import load_full_state_dict
+
+        self._check_new_version(version)
+        start = time.perf_counter()
+        config = self.model.aligner_config
+        # Parts converted as one: each layer, and the embedding with the final norm and head
+        # (a tied head needs the embedding too).
+        parts: dict[str, tuple[list[int], bool]] = {f"layer {i}": ([i], False) for i in range(config.num_layers)}
+        parts["embedding and head"] = ([], True)
+        arrived: set[str] = set()
+        pending: dict[str, Tensor] = {}  # arrived, not converted yet
+        converted: dict[str, Tensor] = {}
+        self._refit_failed = True
+        for bucket in buckets:
+            for name, tensor in bucket:
+                if name in arrived:
+                    raise ValueError(f"refit: {name} arrived twice")
+                arrived.add(name)
+                pending[name] = tensor
+            for part, (layers, ends) in list(parts.items()):
+                done = _convert_part(pending, config, layers, ends)
+                if done is not None:
+                    megatron_tensors, used = done
+                    converted.update(megatron_tensors)
+                    for name in used:
+                        del pending[name]
+                    del parts[part]
+        if parts:
+            missing = sorted(parts)
+            raise KeyError(f"refit: the buckets ended before every weight of {missing} arrived")
+        if pending:
+            raise ValueError(f"refit: tensors with no place in the model: {sorted(pending)[:8]}")
+        load_full_state_dict(self.model, converted)
+        self._refit_failed = False
+        self._version = version
+        self.last_refit_s = time.perf_counter() - start
+        log.info("refit to version %d from Hugging Face buckets: %.3f s", version, self.last_refit_s)
+        return self.last_refit_s
+
+
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -194,102 +565,15 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
-) -> GenerationOutput:
-    """Sample up to ``max_new_tokens`` after each prompt, stopping a row at its first eos.
+) -> Rollouts:
+    """One batch from a :class:`TorchEngine` over ``model``, for one-off generation (evaluation, SteerLM).
 
-    The model runs in eval mode (no dropout) and is put back in its former mode
-    afterwards. Each step draws one token for every row past its prompt and
-    not yet finished, with :func:`sample_next_token`, from the logits at that
-    row's last token with the padding columns of the vocabulary masked. A
-    collective over the tensor-parallel group: all its ranks call it with the
-    same prompts.
-
-    Args:
-        model: a language model from :func:`aligner.models.gpt.build_model`
-            (or a wrapper holding it as ``.module``), this rank's tensor-parallel shard.
-        prompts: ``B`` non-empty lists of token ids, of any lengths.
-        max_new_tokens: ``>= 1`` response tokens at most per row.
-        eos_token_id: the id (or ids) that end a response; an empty list never stops early.
-        pad_token_id: the id that fills rows after their end.
-        temperature, top_k, top_p, greedy, generator: see :func:`sample_next_token`.
-        vocab_size: the real vocabulary size; None reads the model's config.
-
-    Returns:
-        :class:`GenerationOutput` on the model's device.
-
-    Raises:
-        ValueError: no or an empty prompt, a token id outside the vocabulary,
-            ``max_new_tokens < 1``, a prompt plus ``max_new_tokens`` beyond the
-            model's ``max_position_embeddings``, a value model, bad sampling settings.
-        NotImplementedError: pipeline- or context-parallel size above 1.
+    The same as ``TorchEngine(model, eos_token_id=..., pad_token_id=..., vocab_size=...)
+    .generate(prompts, SamplingParams(...), generator=generator)``; see there for
+    the arguments, the result and the errors.
     """
-    _check_parallel()
-    inner = _unwrap(model)
-    config = getattr(inner, "aligner_config", None)
-    if getattr(inner, "aligner_num_value_outputs", None) is not None:
-        raise ValueError("generate needs a language model; this one was built with num_value_outputs (a value head)")
-    if vocab_size is None:
-        if config is None:
-            raise ValueError("pass vocab_size: the model was not built by aligner.models.gpt.build_model")
-        vocab_size = config.vocab_size
-    if not greedy:
-        _check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompts or any(len(prompt) == 0 for prompt in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for index, prompt in enumerate(prompts):
-        _check_ids(f"prompts[{index}]", prompt, vocab_size)
-    _check_ids("eos_token_id", eos_ids, vocab_size)
-    _check_ids("pad_token_id", [pad_token_id], vocab_size)
-    longest = max(len(prompt) for prompt in prompts) + max_new_tokens
-    if config is not None and longest > config.max_position_embeddings:
-        raise ValueError(
-            f"the longest prompt plus max_new_tokens is {longest} tokens, beyond the model's "
-            f"max_position_embeddings {config.max_position_embeddings}"
-        )
-
-    device = next(model.parameters()).device
-    batch = len(prompts)
-    tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
-    prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long, device=device)
-    stop_at = prompt_lengths + max_new_tokens  # per row: the first position it may not fill
-    lengths = prompt_lengths.clone()
-    is_end = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    # Megatron's static KV cache: one slot per row and position. After the first
-    # (causal) forward it attends without a mask, so every later forward feeds one token.
-    context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=longest)
-
-    was_training = model.training
-    model.eval()
-    try:
-        start, position = 0, int(prompt_lengths.min())
-        while position < longest:
-            # [B, 1, padded_vocab]: the cache context materializes the last position's logits only.
-            logits = model(tokens[:, start:position], None, None, inference_context=context, runtime_gather_output=True)
-            context.increment_sequence_len_offset(position - start)
-            sampled = (position >= prompt_lengths) & (position < stop_at) & ~is_end  # rows drawing at `position`
-            if sampled.any():
-                last = mask_padded_vocab(logits[sampled, -1].float(), vocab_size)
-                next_tokens = sample_next_token(
-                    last, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
-                )
-                next_tokens = _agree_across_tensor_parallel(next_tokens)
-                tokens[sampled, position] = next_tokens
-                lengths[sampled] = position + 1
-                is_end[sampled] = torch.isin(next_tokens, eos)
-            if bool((is_end | (stop_at <= position + 1)).all()):
-                break
-            start, position = position, position + 1
-    finally:
-        model.train(was_training)
-    return GenerationOutput(
-        tokens=tokens[:, : int(lengths.max())],
-        prompt_lengths=prompt_lengths,
-        lengths=lengths,
-        is_end=is_end,
+    engine = TorchEngine(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size)
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
     )
+    return engine.generate(prompts, sampling, generator=generator)
