@@ -156,8 +156,13 @@ def reward(prompt: str | Sequence[dict[str, str]], response: str) -> float:
     if match is None:
         raise ValueError(f"no arithmetic question in prompt {prompt!r}")
     problem = ArithmeticProblem(int(match.group(1)), match.group(2), int(match.group(3)))
+    return 1.0 if stated_answer(response) == problem.answer else 0.0
+
+
+def stated_answer(response: str) -> int | None:
+    """The answer a response states: its last integer (``"The answer is 8."`` -> 8), None when it has none."""
     numbers = _INTEGER.findall(response)
-    return 1.0 if numbers and int(numbers[-1]) == problem.answer else 0.0
+    return int(numbers[-1]) if numbers else None
 
 
 def _max_answer(problems: Sequence[ArithmeticProblem], max_answer: int | None) -> int:
