@@ -1,7 +1,7 @@
 """Greedy decoding throughput: aligner's torch engine against Hugging Face ``generate``, same weights, CPU.
 
-    python bench/generation_speed.py                 # prints the tables; writes nothing
-    python bench/generation_speed.py --repeats 5
+    python bench/generation_speed.py                 # prints the tables, writes its section of bench/RESULTS.md
+    python bench/generation_speed.py --repeats 7 --no-write
 
 The workload: 32 prompts of 8-24 random tokens, 64 new tokens each, greedy, batch of 32, on a
 random Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, SwiGLU FFN 688, V = 32768, float32),
@@ -24,6 +24,13 @@ Timing: one untimed warm-up run per implementation and case, then ``--repeats`` 
 alternating between the two implementations (so drifting machine load hits both alike); the
 table gives the median and the range. Tokens/s counts response tokens actually generated (up to
 and including eos), the same count for both. A mismatch in tokens fails the run (exit status 1).
+Hugging Face runs with aligner's CPU shim lifted (:func:`aligner.parallel.megatron_cpu.suspended`):
+it needs none of it, and the shim's torch-function mode would slow it down; the engine runs as
+aligner runs it.
+
+Where the time goes: one more run of each implementation per case under ``torch.profiler``;
+the table lists the ops with the most self CPU time (by input shapes), as a share of the run's
+total self CPU time.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 BATCH, PROMPT_LENGTHS, NEW_TOKENS, SEED, PAD = 32, (8, 24), 64, 1234, 0
+TARGET_SPEEDUP = 2.0  # engine tokens/s over transformers', in both cases
+PROFILE_TOP = 6  # ops listed per implementation and case
 ARCH = dict(
     num_layers=4,
     hidden_size=256,
@@ -96,8 +105,10 @@ def run_hf(hf, prompts: list[list[int]], eos: int | None) -> tuple[float, list[l
     for b, prompt in enumerate(prompts):  # left padding: what decoder-only generate expects
         input_ids[b, longest - len(prompt) :] = torch.tensor(prompt)
         attention_mask[b, longest - len(prompt) :] = 1
+    from aligner.parallel import megatron_cpu
+
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), megatron_cpu.suspended():
         out = hf.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -150,6 +161,30 @@ def plant_early_eos(model, hf, engine, prompts: list[list[int]]) -> int:
     return eos
 
 
+def profile_run(fn) -> dict:
+    """Self CPU time of ``fn()`` by op and input shapes (``torch.profiler``).
+
+    Returns ``top``: ``(op and input shapes, self CPU ms, calls, share of the run's self CPU time)`` of the
+    PROFILE_TOP largest, and ``output_layer``: the share of the matmuls against the ``[hidden, V]`` weight.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    head = [ARCH["hidden_size"], ARCH["vocab_size"]]
+    output_layer = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm" and head in e.input_shapes)
+    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
+    return {
+        "top": [
+            (f"{e.key} {e.input_shapes}", e.self_cpu_time_total / 1e3, e.count, e.self_cpu_time_total / total)
+            for e in top
+        ],
+        "output_layer": output_layer / total,
+    }
+
+
 def measure(label: str, engine, hf, prompts, eos: int | None, repeats: int) -> dict:
     run_engine(engine, prompts)  # warm-up
     run_hf(hf, prompts, eos)
@@ -160,7 +195,12 @@ def measure(label: str, engine, hf, prompts, eos: int | None, repeats: int) -> d
         seconds, theirs, their_rows = run_hf(hf, prompts, eos)
         times["hf"].append(seconds)
     tokens = sum(len(r) for r in ours)
+    profiles = {
+        "engine": profile_run(lambda: run_engine(engine, prompts)),
+        "hf": profile_run(lambda: run_hf(hf, prompts, eos)),
+    }
     return {
+        "profiles": profiles,
         "label": label,
         "times": times,
         "tokens": tokens,
@@ -171,22 +211,8 @@ def measure(label: str, engine, hf, prompts, eos: int | None, repeats: int) -> d
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(harness.NUM_THREADS)
-
-    from aligner.generation.torch_engine import TorchEngine
-
-    busy_before, own_before = harness.busy_cpu_seconds(), time.process_time()
-    model, hf, prompts = build(SEED)
-    no_eos = TorchEngine(model, eos_token_id=[], pad_token_id=PAD)
-    results = [measure("no eos", no_eos, hf, prompts, None, args.repeats)]
-    eos = plant_early_eos(model, hf, no_eos, prompts)
-    with_eos = TorchEngine(model, eos_token_id=eos, pad_token_id=PAD)
-    results.append(measure(f"early eos (id {eos})", with_eos, hf, prompts, eos, args.repeats))
-
+def report(results: list[dict]) -> tuple[str, bool]:
+    """The markdown body (timing table, targets, profiles) and whether the tokens were identical."""
     body = []
     for result in results:
         hf_median = statistics.median(result["times"]["hf"])
@@ -206,32 +232,100 @@ def main() -> int:
                 ]
             )
     header = ["case", "impl", "median s", "min–max s", "response tokens", "tokens/s", "decode row-steps", "vs HF"]
-    print(f"# Greedy generation, {BATCH} prompts of {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} tokens, {NEW_TOKENS} new")
-    for key, value in harness.provenance(torch.device("cpu")).items():
-        print(f"- {key}: `{value}`")
-    busy_after = harness.busy_cpu_seconds()
-    if busy_before is not None and busy_after is not None:
-        others = busy_after - busy_before - (time.process_time() - own_before)
-        print(f"- CPU used by other processes during the run: `{others:.0f} s` (noisy timings if not ~0)")
-    print()
-    print(harness.markdown_table(header, body))
-    print()
+    lines = [harness.markdown_table(header, body), ""]
+
     full, early = results
     engine_full, engine_early = (statistics.median(r["times"]["engine"]) for r in results)
     ended = sum(length < NEW_TOKENS for length in early["lengths"])
-    print(
+    lines.append(
         f"early eos: {ended}/{BATCH} rows stop before {NEW_TOKENS} tokens (median response "
         f"{statistics.median(early['lengths']):.0f}); the engine computes "
         f"{early['rows']['engine'] / full['rows']['engine']:.0%} of the no-eos row-steps in "
         f"{engine_early / engine_full:.0%} of its no-eos time"
     )
-    ok = True
+    lines += ["", "### Targets", ""]
+    targets = []
+    identical = True
     for result in results:
-        if not result["identical"]:
-            ok = False
-            print(f"MISMATCH ({result['label']}): rows {result['mismatched_rows']} differ from transformers")
-    print("greedy tokens identical to transformers in both cases" if ok else "FAILED")
-    return 0 if ok else 1
+        speedup = statistics.median(result["times"]["hf"]) / statistics.median(result["times"]["engine"])
+        verdict = "met" if speedup >= TARGET_SPEEDUP else "MISSED"
+        targets.append([result["label"], f"tokens/s >= {TARGET_SPEEDUP:g}x transformers'", f"{speedup:.2f}x", verdict])
+        same = "identical" if result["identical"] else f"rows {result['mismatched_rows']} differ"
+        targets.append(
+            [
+                result["label"],
+                "greedy tokens identical to transformers'",
+                same,
+                "met" if result["identical"] else "MISSED",
+            ]
+        )
+        identical = identical and result["identical"]
+    lines.append(harness.markdown_table(["case", "target", "measured", "verdict"], targets))
+
+    lines += ["", "### Where the time goes (torch.profiler, one run each)", ""]
+    rows = []
+    for result in results:
+        for impl, name in (("hf", "transformers"), ("engine", "aligner")):
+            for op, ms, calls, share in result["profiles"][impl]["top"]:
+                rows.append([result["label"], name, f"`{op}`", f"{ms:.0f}", str(calls), f"{share:.0%}"])
+    lines.append(harness.markdown_table(["case", "impl", "op [input shapes]", "self CPU ms", "calls", "share"], rows))
+    shares = "; ".join(
+        f"{r['label']}: aligner {r['profiles']['engine']['output_layer']:.0%}, "
+        f"transformers {r['profiles']['hf']['output_layer']:.0%}"
+        for r in results
+    )
+    lines += [
+        "",
+        f"The output layer's matmul (`aten::mm` against the [{ARCH['hidden_size']}, {ARCH['vocab_size']}] weight, "
+        f"all row counts) as a share of self CPU time: {shares}. Both compute it as `x @ W.T` "
+        "(megatron's `ColumnParallelLinear`, Hugging Face's `nn.Linear`), the same MKL call.",
+    ]
+    return "\n".join(lines), identical
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print the tables only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(harness.NUM_THREADS)
+
+    from aligner.generation.torch_engine import TorchEngine
+
+    busy_before, own_before = harness.busy_cpu_seconds(), time.process_time()
+    started = time.perf_counter()
+    model, hf, prompts = build(SEED)
+    no_eos = TorchEngine(model, eos_token_id=[], pad_token_id=PAD)
+    results = [measure("no eos", no_eos, hf, prompts, None, args.repeats)]
+    eos = plant_early_eos(model, hf, no_eos, prompts)
+    with_eos = TorchEngine(model, eos_token_id=eos, pad_token_id=PAD)
+    results.append(measure(f"early eos (id {eos})", with_eos, hf, prompts, eos, args.repeats))
+
+    import transformers
+
+    info = harness.provenance(torch.device("cpu"))
+    info["torch"] += f", transformers {transformers.__version__}"
+    info["runtime"] = f"{time.perf_counter() - started:.0f} s"
+    busy_after = harness.busy_cpu_seconds()
+    if busy_before is not None and busy_after is not None:
+        others = max(0.0, busy_after - busy_before - (time.process_time() - own_before))
+        info["CPU used by other processes during the run"] = f"{others:.0f} s (noisy timings if not ~0)"
+    body, identical = report(results)
+    body = (
+        f"Greedy decoding, {BATCH} prompts of {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} tokens, {NEW_TOKENS} new "
+        f"tokens, batch {BATCH}, random Llama (hidden {ARCH['hidden_size']}, {ARCH['num_layers']} layers, "
+        f"V = {ARCH['vocab_size']}, float32); {args.repeats} timed runs per implementation and case, "
+        "alternating. See the docstring of `bench/generation_speed.py`.\n\n" + body
+    )
+    print("\n".join(f"- {name}: `{value}`" for name, value in info.items()))
+    print()
+    print(body)
+    print("greedy tokens identical to transformers in both cases" if identical else "FAILED: tokens differ")
+    if not args.no_write:
+        title = "Generation engine: greedy decoding vs transformers (CPU)"
+        harness.write_results(harness.RESULTS_PATH, "cpu-generation", title, info, body)
+        print(f"\nwrote {harness.RESULTS_PATH}", file=sys.stderr)
+    return 0 if identical else 1
 
 
 if __name__ == "__main__":

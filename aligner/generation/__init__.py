@@ -8,8 +8,9 @@
   :class:`~aligner.generation.torch_engine.TorchEngine`, over a megatron-core GPTModel shard (any
   machine, tensor-parallel aware), and the one-call :func:`~aligner.generation.torch_engine.generate`.
 - :mod:`aligner.generation.sampling`: the pure sampler (temperature, top-k, top-p; the log-prob as drawn).
-- :mod:`aligner.generation.refit`: a model's weights as Hugging Face-named buckets, for engines that
-  hold their own copy.
+- :mod:`aligner.generation.refit`: a model's weights as Hugging Face-named buckets (from every pipeline
+  stage), for engines that hold their own copy, and that copy for a pipeline-parallel trainer
+  (:func:`~aligner.generation.refit.build_engine_model`).
 - :mod:`aligner.generation.steerlm`: SteerLM generation with chosen attribute values.
 
 Nothing is imported here: megatron-core takes seconds to import.

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aligner.ops.logprob import token_logprobs
+
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
@@ -110,5 +112,5 @@ def sample_with_logprobs(
     else:
         scores = filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-    logprobs = scores.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    # One pass over each row (aligner's op), not a [B, V] log_softmax: the engine calls this every step.
+    return tokens, token_logprobs(scores, tokens)

@@ -33,12 +33,20 @@ forward on the same prompts (the projections exchange what megatron's
 parallel layers exchange); the logits are gathered to the full vocabulary,
 padding columns are masked, every rank draws, and the tensor-parallel source
 rank's tokens and log-probs are broadcast so the ranks never diverge (seed the
-draws alike on every rank to keep their generators in step too). Pipeline and
-context parallelism are not supported.
+draws alike on every rank to keep their generators in step too).
+
+Pipeline parallelism: the engine's model holds every layer. With a trainer at
+pipeline size above 1, each rank generates with a full-depth copy of the model
+(:func:`aligner.generation.refit.build_engine_model`, refit from the trainer's
+stages), every pipeline stage runs the same generation, and the first stage's
+rollouts are broadcast over the pipeline group, so every stage of the trainer
+gets the same batch. A model that holds one pipeline stage is refused. Context
+parallelism is not supported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -55,17 +63,25 @@ from aligner.generation.refit import hf_weight_buckets, unwrap_model
 from aligner.generation.sampling import sample_with_logprobs
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import mask_padded_vocab
+from aligner.parallel import megatron_cpu
 
 log = logging.getLogger(__name__)
 
 
-def _check_parallel() -> None:
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+def _check_parallel(model: torch.nn.Module) -> None:
+    """Refuse context parallelism and a model that holds one pipeline stage (the engine runs every layer)."""
     cp = parallel_state.get_context_parallel_world_size()
-    if pp > 1 or cp > 1:
+    if cp > 1:
         raise NotImplementedError(
-            f"the torch generation engine runs with tensor parallelism only; got pipeline-parallel size {pp} and "
-            f"context-parallel size {cp}: gather the weights into a pp=1, cp=1 model for generation"
+            f"the torch generation engine does not support context parallelism; got context-parallel size {cp}: "
+            "generate with a cp=1 model"
+        )
+    layers, num_layers = len(model.decoder.layers), model.config.num_layers
+    if not (model.pre_process and model.post_process) or layers != num_layers:
+        raise NotImplementedError(
+            f"the torch generation engine needs every layer, but this model is one pipeline stage ({layers} of "
+            f"{num_layers} layers, pre_process={model.pre_process}, post_process={model.post_process}): build a "
+            "full-depth copy with aligner.generation.refit.build_engine_model(model) and refit it from the model"
         )
 
 
@@ -103,6 +119,26 @@ def _broadcast_from_tensor_parallel_source(tensor: Tensor) -> Tensor:
             group=parallel_state.get_tensor_model_parallel_group(),
         )
     return tensor
+
+
+def _rollouts_from_first_pipeline_stage(rollouts: Rollouts) -> Rollouts:
+    """The first pipeline stage's ``rollouts`` on every rank of its pipeline group.
+
+    Every stage generates alike from the same weights; the broadcast keeps them one batch
+    (which the trainer's stages need) even where the device's kernels are not bit-reproducible.
+    """
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return rollouts
+    device = rollouts.tokens.device
+    tensors = [name for name, value in vars(rollouts).items() if isinstance(value, Tensor)]
+    payload = [dataclasses.replace(rollouts, **{name: getattr(rollouts, name).cpu() for name in tensors})]
+    dist.broadcast_object_list(
+        payload,
+        src=parallel_state.get_pipeline_model_parallel_first_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    first = payload[0]
+    return dataclasses.replace(first, **{name: getattr(first, name).to(device) for name in tensors})
 
 
 def _add_output(hidden: Tensor, output_and_bias: tuple[Tensor, Tensor | None]) -> Tensor:
@@ -173,10 +209,11 @@ class TorchEngine(Engine):
 
     Args:
         model: a language model from :func:`aligner.models.gpt.build_model` (or a
-            wrapper holding it as ``.module``), this rank's tensor-parallel shard.
-            The engine generates with it in place: pass the trainer's model to
-            share its weights (refit is then free), or a separate model to refit
-            from Hugging Face-named buckets.
+            wrapper holding it as ``.module``), this rank's tensor-parallel shard
+            of every layer. The engine generates with it in place: pass the
+            trainer's model to share its weights (refit is then free), or a
+            separate model to refit from Hugging Face-named buckets (with a
+            pipeline-parallel trainer, :func:`aligner.generation.refit.build_engine_model`).
         eos_token_id: the id (or ids) that end a response (stop reason ``"eos"``);
             an empty list never stops early on its own.
         pad_token_id: the id that fills rows after their end.
@@ -189,8 +226,8 @@ class TorchEngine(Engine):
     Raises:
         ValueError: a value model, a model not from ``build_model`` without ``vocab_size``,
             an eos or pad id outside the vocabulary.
-        NotImplementedError: pipeline- or context-parallel size above 1, or a model
-            feature the engine's layer loop does not reproduce.
+        NotImplementedError: context-parallel size above 1, a model that holds one pipeline
+            stage, or a model feature the engine's layer loop does not reproduce.
     """
 
     def __init__(
@@ -203,8 +240,8 @@ class TorchEngine(Engine):
         detokenize: Callable[[Sequence[int]], str] | None = None,
         version: int = 0,
     ):
-        _check_parallel()
         inner = unwrap_model(model)
+        _check_parallel(inner)
         if getattr(inner, "aligner_num_value_outputs", None) is not None:
             raise ValueError("generation needs a language model; this one was built with num_value_outputs")
         config = getattr(inner, "aligner_config", None)
@@ -255,8 +292,8 @@ class TorchEngine(Engine):
         """Sample one response per prompt; see :class:`~aligner.generation.base.Rollouts` for what comes back.
 
         The model runs in eval mode (no dropout) and is put back in its former
-        mode afterwards. A collective over the tensor-parallel group: all its
-        ranks call it with the same prompts and sampling.
+        mode afterwards. A collective over the tensor- and pipeline-parallel
+        groups: all their ranks call it with the same prompts and sampling.
 
         Args:
             prompts: ``B`` non-empty lists of token ids, of any lengths.
@@ -284,6 +321,7 @@ class TorchEngine(Engine):
             rollouts = self._generate(prompts, sampling, generator, device)
         finally:
             self.model.train(was_training)
+        rollouts = _rollouts_from_first_pipeline_stage(rollouts)
         seconds = time.perf_counter() - start
         response_tokens = float((rollouts.lengths - rollouts.prompt_lengths).sum())
         rollouts.metrics.update(
@@ -318,6 +356,8 @@ class TorchEngine(Engine):
         prompt_sizes = [len(prompt) for prompt in prompts]
         longest_prompt = max(prompt_sizes)
         max_len = longest_prompt + sampling.max_new_tokens
+        # The results are made outside inference mode (the trainer may write to them or save them for
+        # backward); the loop below only writes into them.
         tokens = torch.full((batch, max_len), self.pad_token_id, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
@@ -327,66 +367,78 @@ class TorchEngine(Engine):
         stop_reason = [""] * batch
         responses: list[list[int]] = [[] for _ in range(batch)]  # each row's response so far
 
-        cache = _KVCache(len(self.model.decoder.layers), batch, max_len)
-        # [max_len, 1, rot_dim]: megatron's RoPE angles of positions 0..max_len-1 (rope scaling included)
-        freqs = self.model.rotary_pos_emb(max_len)[:, 0]
+        # The CPU shim's torch-function mode is lifted: nothing here names a cuda device, and the mode
+        # would route each of the loop's many small torch calls through Python.
+        with megatron_cpu.suspended(), torch.inference_mode():
+            cache = _KVCache(len(self.model.decoder.layers), batch, max_len)
+            # [max_len, 1, rot_dim]: megatron's RoPE angles of positions 0..max_len-1 (rope scaling included)
+            freqs = self.model.rotary_pos_emb(max_len)[:, 0]
 
-        # step 1: prefill, right-padded; row b attends causally to its first prompt_lengths[b] tokens
-        positions = torch.arange(longest_prompt, device=device).expand(batch, -1)
-        mask = None
-        if min(prompt_sizes) < longest_prompt:
-            key_valid = positions < prompt_lengths[:, None]  # [B, P]
-            mask = torch.ones(longest_prompt, longest_prompt, dtype=torch.bool, device=device).tril()
-            mask = mask[None, None] & key_valid[:, None, None, :]
-        logits = self._forward(tokens[:, :longest_prompt], positions, freqs, cache, mask, last=prompt_lengths - 1)
-        forwards, decode_rows = 1, 0
-
-        rows = torch.arange(batch, device=device)  # the original row of each batch row
-        row_list = list(range(batch))
-        while True:
-            # step 2: draw one token per live row and record it
-            last = mask_padded_vocab(logits.float(), self.vocab_size)
-            next_tokens, next_logprobs = sample_with_logprobs(
-                last,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                greedy=sampling.greedy,
-                generator=generator,
-            )
-            next_tokens = _broadcast_from_tensor_parallel_source(next_tokens)
-            next_logprobs = _broadcast_from_tensor_parallel_source(next_logprobs)
-            columns = lengths[rows]
-            tokens[rows, columns] = next_tokens
-            logprobs[rows, columns - 1] = next_logprobs
-            lengths[rows] = columns + 1
-
-            # step 3: stop rows and drop them from the batch and the cache
-            keep = []
-            for index, (row, token) in enumerate(zip(row_list, next_tokens.tolist(), strict=True)):
-                responses[row].append(token)
-                reason = self._stop_reason(responses[row], sampling)
-                if reason is None:
-                    keep.append(index)
-                else:
-                    stop_reason[row] = reason
-            if not keep:
-                break
-            if len(keep) < len(row_list):
-                kept = torch.tensor(keep, dtype=torch.long, device=device)
-                rows, next_tokens = rows[kept], next_tokens[kept]
-                row_list = [row_list[index] for index in keep]
-                cache.keep(kept, int(lengths[rows].max()) - 1)
-
-            # step 4: decode one position per live row, each at its own position
-            positions = (lengths[rows] - 1)[:, None]  # [b, 1]: where the token just drawn goes
-            length = int(positions.max()) + 1
+            # step 1: prefill, right-padded; row b attends causally to its first prompt_lengths[b] tokens
+            positions = torch.arange(longest_prompt, device=device).expand(batch, -1)
             mask = None
-            if int(positions.min()) + 1 < length:
-                mask = (torch.arange(length, device=device) <= positions)[:, None, None, :]  # [b, 1, 1, L]
-            logits = self._forward(next_tokens[:, None], positions, freqs, cache, mask)
-            forwards += 1
-            decode_rows += len(row_list)
+            if min(prompt_sizes) < longest_prompt:
+                key_valid = positions < prompt_lengths[:, None]  # [B, P]
+                mask = torch.ones(longest_prompt, longest_prompt, dtype=torch.bool, device=device).tril()
+                mask = mask[None, None] & key_valid[:, None, None, :]
+            logits = self._forward(
+                tokens[:, :longest_prompt], positions, longest_prompt, freqs, cache, mask, last=prompt_lengths - 1
+            )
+            forwards, decode_rows = 1, 0
+
+            # The live rows: their original rows, and their lengths so far on the device and on the host
+            # (the host copy sizes the attention without a device sync).
+            rows = torch.arange(batch, device=device)
+            row_list = list(range(batch))
+            live_lengths = prompt_lengths.clone()
+            host_lengths = list(prompt_sizes)
+            while True:
+                # step 2: draw one token per live row and record it
+                if logits.shape[-1] > self.vocab_size:
+                    logits = mask_padded_vocab(logits, self.vocab_size)
+                next_tokens, next_logprobs = sample_with_logprobs(
+                    logits,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    greedy=sampling.greedy,
+                    generator=generator,
+                )
+                next_tokens = _broadcast_from_tensor_parallel_source(next_tokens)
+                next_logprobs = _broadcast_from_tensor_parallel_source(next_logprobs)
+                tokens[rows, live_lengths] = next_tokens
+                logprobs[rows, live_lengths - 1] = next_logprobs
+                live_lengths += 1
+                host_lengths = [length + 1 for length in host_lengths]
+
+                # step 3: stop rows and drop them from the batch and the cache
+                keep = []
+                for index, (row, token) in enumerate(zip(row_list, next_tokens.tolist(), strict=True)):
+                    responses[row].append(token)
+                    reason = self._stop_reason(responses[row], sampling)
+                    if reason is None:
+                        keep.append(index)
+                    else:
+                        stop_reason[row] = reason
+                        lengths[row] = host_lengths[index]
+                if not keep:
+                    break
+                if len(keep) < len(row_list):
+                    kept = torch.tensor(keep, dtype=torch.long, device=device)
+                    rows, next_tokens, live_lengths = rows[kept], next_tokens[kept], live_lengths[kept]
+                    row_list = [row_list[index] for index in keep]
+                    host_lengths = [host_lengths[index] for index in keep]
+                    cache.keep(kept, max(host_lengths) - 1)
+
+                # step 4: decode one position per live row, each at its own position
+                positions = (live_lengths - 1)[:, None]  # [b, 1]: where the token just drawn goes
+                length = max(host_lengths)
+                mask = None
+                if min(host_lengths) < length:
+                    mask = (torch.arange(length, device=device) <= positions)[:, None, None, :]  # [b, 1, 1, L]
+                logits = self._forward(next_tokens[:, None], positions, length, freqs, cache, mask)
+                forwards += 1
+                decode_rows += len(row_list)
 
         width = int(lengths.max())
         return Rollouts(
@@ -423,6 +475,7 @@ class TorchEngine(Engine):
         self,
         input_ids: Tensor,
         positions: Tensor,
+        length: int,
         freqs: Tensor,
         cache: _KVCache,
         mask: Tensor | None,
@@ -432,15 +485,15 @@ class TorchEngine(Engine):
 
         Args:
             input_ids: ``[b, s]`` tokens, at ``positions`` ``[b, s]`` of their rows.
+            length: ``max(positions) + 1``, the cache positions attention reads.
             freqs: ``[max_len, 1, rot_dim]`` RoPE angles by position.
-            cache: written at ``positions``; attention reads positions ``0..max(positions)``.
+            cache: written at ``positions``; attention reads positions ``0..length - 1``.
             mask: ``[b, 1, s, L]`` bool, True where a query may attend a key; None: causal when
                 ``s > 1``, everything when ``s == 1``.
             last: ``[b]`` index into ``s`` of the position whose logits to return; None: the last.
         """
         model = self.model
         seq, batch = input_ids.shape[1], input_ids.shape[0]
-        length = int(positions.max()) + 1
         hidden = model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, hidden]
         rotary = freqs[positions.T]  # [s, b, 1, rot_dim]
         for index, layer in enumerate(model.decoder.layers):
@@ -481,7 +534,8 @@ class TorchEngine(Engine):
         object, wrappers aside), the weights are already there: only the version
         changes. Otherwise ``source``'s weights travel as Hugging Face-named
         buckets (:func:`aligner.generation.refit.hf_weight_buckets`, a collective
-        over the tensor-parallel group) into :meth:`refit_from_hf_buckets`.
+        over the tensor- and pipeline-parallel groups, so a pipeline-parallel
+        trainer's stages all send) into :meth:`refit_from_hf_buckets`.
 
         Raises:
             ValueError: ``version`` is older than the engine's; see :meth:`refit_from_hf_buckets`.

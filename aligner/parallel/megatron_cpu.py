@@ -24,6 +24,8 @@ are idempotent and :func:`disable` undoes them. What is patched:
 
 The mode is pushed on the calling thread's torch-function stack; autograd
 carries it into backward. Threads started later by other code do not see it.
+It routes every torch function through Python: :func:`suspended` lifts it
+around hot code that names no ``cuda`` device (the generation engine's loop).
 """
 
 from __future__ import annotations
@@ -119,6 +121,28 @@ def enable() -> bool:
     mode.__enter__()
     _state["mode"] = mode
     return True
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Run the body without the ``cuda`` -> ``cpu`` torch-function mode; the other patches stay.
+
+    For code that names no ``cuda`` device (``torch.cuda.current_device()`` still
+    answers ``"cpu"`` inside) and calls many small torch functions, each of which
+    the mode would route through Python. A no-op when the shim is not enabled, or
+    when a torch-function mode was pushed after the shim's: that one is innermost,
+    so the shim's stays (correct, only slower).
+    """
+    mode = _state.get("mode")
+    depth = torch._C._len_torch_function_stack()
+    if mode is None or depth == 0 or torch._C._get_function_stack_at(depth - 1) is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 def disable() -> None:

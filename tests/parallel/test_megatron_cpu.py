@@ -1,4 +1,5 @@
-"""The CPU compatibility shim: inactive with a GPU, active and idempotent without one, undone by disable()."""
+"""The CPU compatibility shim: inactive with a GPU, active and idempotent without one, undone by disable(),
+lifted around a block by suspended()."""
 
 import pytest
 import torch
@@ -48,6 +49,37 @@ def test_active_and_idempotent_on_cpu(shim):
     shim.disable()
     assert _patched_objects() == before
     assert torch._C._len_torch_function_stack() == modes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim never activates on a GPU machine")
+def test_suspended_lifts_only_the_mode_and_restores_it(shim):
+    modes = torch._C._len_torch_function_stack()
+    with shim.suspended():  # not enabled: nothing to lift
+        assert torch._C._len_torch_function_stack() == modes
+    shim.enable()
+    with shim.suspended():
+        assert torch._C._len_torch_function_stack() == modes
+        assert torch.cuda.current_device() == "cpu"  # the plain patches stay
+        with pytest.raises(RuntimeError):
+            torch.ones(1, device="cuda")
+    assert torch._C._len_torch_function_stack() == modes + 1
+    assert torch.ones(1, device="cuda").device.type == "cpu"
+    with pytest.raises(ValueError, match="inside"), shim.suspended():
+        raise ValueError("inside")
+    assert torch.ones(1, device="cuda").device.type == "cpu", "restored after an exception"
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim never activates on a GPU machine")
+def test_suspended_leaves_the_shim_under_a_later_mode(shim):
+    shim.enable()
+    with _PassThroughMode(), shim.suspended():
+        assert torch.ones(1, device="cuda").device.type == "cpu"  # still routed through the shim
+    assert torch.ones(1, device="cuda").device.type == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the shim never activates on a GPU machine")
