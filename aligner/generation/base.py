@@ -133,6 +133,60 @@ class Rollouts:
         columns = torch.arange(self.logprobs.shape[1], device=self.tokens.device)
         return (columns >= self.prompt_lengths[:, None] - 1) & (columns < self.lengths[:, None] - 1)
 
+    def select(self, rows: Tensor | Sequence[int]) -> Rollouts:
+        """The rollouts of ``rows`` (indices or a ``[B]`` bool mask), trimmed to their own longest row.
+
+        ``metrics`` are the batch's and are not carried over.
+        """
+        rows = torch.as_tensor(rows, device=self.tokens.device)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(1)
+        width = int(self.lengths[rows].max()) if rows.numel() else 1
+        return Rollouts(
+            tokens=self.tokens[rows, :width],
+            prompt_lengths=self.prompt_lengths[rows],
+            lengths=self.lengths[rows],
+            is_end=self.is_end[rows],
+            stop_reason=[self.stop_reason[i] for i in rows.tolist()],
+            logprobs=self.logprobs[rows, : max(width - 1, 0)],
+            weights_version=self.weights_version,
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[Rollouts], pad_token_id: int) -> Rollouts:
+        """The rows of ``parts`` in order, right-padded with ``pad_token_id`` to the longest; one weights version.
+
+        ``metrics`` are summed (counters and seconds add up; rates are left out).
+
+        Raises:
+            ValueError: no parts, or parts drawn with different weights versions.
+        """
+        if not parts:
+            raise ValueError("Rollouts.cat needs at least one batch")
+        versions = {part.weights_version for part in parts}
+        if len(versions) > 1:
+            raise ValueError(f"Rollouts.cat: the batches come from different weights versions {sorted(versions)}")
+        width = max(part.tokens.shape[1] for part in parts)
+
+        def padded(tensor: Tensor, columns: int, value: float) -> Tensor:
+            return torch.nn.functional.pad(tensor, (0, columns - tensor.shape[1]), value=value)
+
+        metrics: dict[str, float] = {}
+        for part in parts:
+            for name, value in part.metrics.items():
+                if not name.endswith("_per_s"):
+                    metrics[name] = metrics.get(name, 0.0) + value
+        return cls(
+            tokens=torch.cat([padded(part.tokens, width, pad_token_id) for part in parts]),
+            prompt_lengths=torch.cat([part.prompt_lengths for part in parts]),
+            lengths=torch.cat([part.lengths for part in parts]),
+            is_end=torch.cat([part.is_end for part in parts]),
+            stop_reason=[reason for part in parts for reason in part.stop_reason],
+            logprobs=torch.cat([padded(part.logprobs, width - 1, 0.0) for part in parts]),
+            weights_version=versions.pop(),
+            metrics=metrics,
+        )
+
 
 class Engine(abc.ABC):
     """A generation backend with versioned weights.
