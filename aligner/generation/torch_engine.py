@@ -545,7 +545,7 @@ class TorchEngine(Engine):
             return self.refit_from_hf_buckets(hf_weight_buckets(source), version)
         self._version = version
         self.last_refit_s = 0.0
-        log.info("refit to version %d: shares the trainer's weights, nothing to copy", version)
+        log.debug("refit to version %d: shares the trainer's weights, nothing to copy", version)
         return 0.0
 
     @torch.no_grad()
