@@ -2,7 +2,8 @@
 # installs torch and the package on first use.
 #   make test    build + every CPU test + a quick kernel benchmark table
 #   make bench   the full kernel benchmarks; writes bench/RESULTS.md
-#   make bench-peers  a DPO step against TRL's DPOTrainer (installs TRL); writes bench/RESULTS.md
+#   make bench-peers  a DPO step against TRL's DPOTrainer, a GRPO step against its GRPOTrainer (installs TRL);
+#                     writes bench/RESULTS.md
 #   make demo    the main job end to end: synthetic data + tokenizer, SFT then DPO
 #                of a tiny model on 2 CPU processes (a few minutes)
 #   make lint    ruff (lint + format check) and clang-format
@@ -56,6 +57,7 @@ PEERS_SPEC ?= trl==1.16.0 accelerate==1.16.0
 bench-peers: install
 	$(PY) -m pip install -q $(PEERS_SPEC)
 	$(PY) bench/peers_dpo.py
+	$(PY) bench/peers_grpo.py
 
 DEMO_DIR ?= .demo
 NPROC ?= 2

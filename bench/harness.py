@@ -438,10 +438,10 @@ def provenance(device: torch.device) -> dict[str, str]:
 RESULTS_HEADER = """# Benchmark results
 
 Written by the scripts of `bench/` (`make bench`: `bench/run.py`; `make bench-peers`:
-`bench/peers_dpo.py`); do not edit by hand. Each section below is one run on one
-kind of device; every ratio compares rows measured in that same run. How times,
-peak extra memory and GB/s are measured: see the docstring of `bench/harness.py`
-(and of the script named in the section's command).
+`bench/peers_dpo.py` and `bench/peers_grpo.py`); do not edit by hand. Each section
+below is one run on one kind of device; every ratio compares rows measured in that
+same run. How times, peak extra memory and GB/s are measured: see the docstring of
+`bench/harness.py` (and of the script named in the section's command).
 """
 
 _SECTION = re.compile(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->\n", re.DOTALL)

@@ -81,11 +81,10 @@ def digest(sequences: list[list[int]]) -> str:
 # ---------------------------------------------------------------- inputs (parent)
 
 
-def build_inputs(folder: Path) -> dict[str, str]:
-    """The tokenizer, the 16 pairs and the random Llama, written under `folder`."""
-    import torch
+def write_tokenizer(folder: Path) -> str:
+    """The word-level tokenizer (one id per synthetic word, CHAT_TEMPLATE) saved under `folder`; its path."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL)}
     vocab.update({f"w{i}": len(SPECIAL) + i for i in range(NUM_WORDS)})
@@ -101,26 +100,39 @@ def build_inputs(folder: Path) -> dict[str, str]:
         chat_template=CHAT_TEMPLATE,
     )
     tokenizer.save_pretrained(str(folder / "tokenizer"))
+    return str(folder / "tokenizer")
 
+
+def write_model(folder: Path) -> str:
+    """The random Llama of ARCH (seeded, fp32) saved as a Hugging Face checkpoint under `folder`; its path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    special_ids = {f"{name}_token_id": SPECIAL.index(f"<|{name}|>") for name in ("bos", "eos", "pad")}
+    model = LlamaForCausalLM(LlamaConfig(**ARCH, **special_ids))
+    model.save_pretrained(str(folder / "model"))
+    return str(folder / "model")
+
+
+def random_words(rng: random.Random, bounds: tuple[int, int]) -> str:
+    """Between bounds[0] and bounds[1] synthetic words ("w123"), drawn from `rng`."""
+    return " ".join(f"w{rng.randrange(NUM_WORDS)}" for _ in range(rng.randint(*bounds)))
+
+
+def build_inputs(folder: Path) -> dict[str, str]:
+    """The tokenizer, the 16 pairs and the random Llama, written under `folder`."""
+    tokenizer = write_tokenizer(folder)
     rng = random.Random(SEED)
-
-    def words(bounds: tuple[int, int]) -> str:
-        return " ".join(f"w{rng.randrange(NUM_WORDS)}" for _ in range(rng.randint(*bounds)))
-
     with open(folder / "pairs.jsonl", "w") as out:
         for _ in range(PAIRS_PER_STEP):
             row = {
-                "prompt": [{"role": "user", "content": words(PROMPT_WORDS)}],
-                "chosen": [{"role": "assistant", "content": words(RESPONSE_WORDS)}],
-                "rejected": [{"role": "assistant", "content": words(RESPONSE_WORDS)}],
+                "prompt": [{"role": "user", "content": random_words(rng, PROMPT_WORDS)}],
+                "chosen": [{"role": "assistant", "content": random_words(rng, RESPONSE_WORDS)}],
+                "rejected": [{"role": "assistant", "content": random_words(rng, RESPONSE_WORDS)}],
             }
             out.write(json.dumps(row) + "\n")
-
-    torch.manual_seed(SEED)
-    special_ids = dict(bos_token_id=vocab["<|bos|>"], eos_token_id=vocab["<|eos|>"], pad_token_id=vocab["<|pad|>"])
-    model = LlamaForCausalLM(LlamaConfig(**ARCH, **special_ids))
-    model.save_pretrained(str(folder / "model"))
-    return {"model": str(folder / "model"), "tokenizer": str(folder / "tokenizer"), "data": str(folder / "pairs.jsonl")}
+    return {"model": write_model(folder), "tokenizer": tokenizer, "data": str(folder / "pairs.jsonl")}
 
 
 # ---------------------------------------------------------------- workers (subprocesses)
@@ -292,8 +304,9 @@ def run_aligner(args, inputs: dict[str, str]) -> dict:
 # ---------------------------------------------------------------- parent: run, compare, report
 
 
-def run_worker(args, inputs: dict[str, str], *extra: str) -> dict:
-    env = {
+def worker_env() -> dict[str, str]:
+    """The environment of a worker subprocess: THREADS threads, no GPU, nothing fetched, no trackers."""
+    return {
         **os.environ,
         "OMP_NUM_THREADS": str(THREADS),
         "MKL_NUM_THREADS": str(THREADS),
@@ -304,6 +317,10 @@ def run_worker(args, inputs: dict[str, str], *extra: str) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_DISABLED": "true",
     }
+
+
+def run_worker(args, inputs: dict[str, str], *extra: str) -> dict:
+    env = worker_env()
     command = [sys.executable, __file__, "--inputs", json.dumps(inputs), "--workdir", args.workdir]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
     command += ["--profile"] * args.profile
