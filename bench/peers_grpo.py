@@ -12,7 +12,7 @@ load; the same word-level tokenizer and chat template) and 8 prompts in TRL's co
 format (24 to 64 words: 28 to 68 tokens with the template).
 
 One GRPO step on both sides: the 8 prompts x 8 samples (temperature 1, no top-k / top-p),
-64 new tokens at most, scored by a cheap Python reward (the fraction of even-numbered words:
+exactly 64 new tokens each, scored by a cheap Python reward (the fraction of even-numbered words:
 it spreads within every group), group advantages `(r - mean) / std`, no reference model
 (beta = kl_coef = 0), and one optimizer update (AdamW, lr 1e-6, no weight decay, gradients
 clipped at 1) over the 64 rollouts with the token-mean clipped loss (TRL's default
@@ -29,10 +29,11 @@ clipped at 1) over the 64 rollouts with the token-mean clipped loss (TRL's defau
 - aligner `aligner.recipes.grpo.run`: `generation.max_new_tokens=64` on the built-in torch
   engine (KV cache, batched prefill); `trainer.global_batch_size=64` (one update per step) at
   several `trainer.micro_batch_size`; the recipe also runs its forward-only old-policy
-  log-prob pass (with the entropy) every step, which TRL skips in this setting. aligner's
-  engine cannot mask eos (no `min_new_tokens`): a drawn eos ends a response, so a few
-  responses can be shorter than 64 (a random Llama draws a given id with p ~ 1/32768 per
-  token); the report gives the response lengths each side drew.
+  log-prob pass (with the entropy) every step, which TRL skips in this setting. The recipe has
+  no `min_new_tokens` / `ignore_eos` setting, so the worker builds its engine with no stop ids
+  (it replaces `aligner.trainers.online.stop_token_ids`): every response has exactly 64 tokens
+  (a drawn eos is an ordinary token there, where TRL masks it: p ~ 1/32768 per token for a
+  random Llama). The report gives the response lengths each side drew.
 
 Each run is a fresh subprocess (2 torch threads); TRL and aligner runs alternate, over
 `--rounds` rounds. A step's time is the wall time from one optimizer step's end to the next's
@@ -228,6 +229,7 @@ def run_aligner(args, inputs: dict[str, str]) -> dict:
 
     torch.set_num_threads(THREADS)
     import aligner.recipes.grpo as recipe
+    import aligner.trainers.online
     from aligner.config import load_config
     from aligner.data import load_tokenizer, read_records
     from aligner.data.prompts import PromptDataset
@@ -258,6 +260,9 @@ def run_aligner(args, inputs: dict[str, str]) -> dict:
     }
     config_path = Path(args.workdir) / f"grpo_{args.micro_batch}.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
+    # Every response runs the full 64 tokens, as TRL's do with min_new_tokens: the recipe has no setting that keeps
+    # eos from ending a response, so its engine is built with no stop ids (the engine then never stops early).
+    aligner.trainers.online.stop_token_ids = lambda tokenizer: []
     start = time.perf_counter()
     history = recipe.run(load_config(recipe.GRPORunConfig, config_path)).summary.history
     phases = {name: [h.get(f"time_{name}_s", 0.0) for h in history] for name in ALIGNER_PHASES}
