@@ -128,7 +128,7 @@ def run_hf(hf, prompts: list[list[int]], eos: int | None) -> tuple[float, list[l
 
 
 @torch.no_grad()
-def plant_early_eos(model, hf, engine, prompts: list[list[int]]) -> int:
+def plant_early_eos(model, hf, prompts: list[list[int]]) -> int:
     """Make a token an eos that greedy decoding reaches within EARLY_STEPS tokens in EARLY_FRACTION of the rows.
 
     The token is one that no greedy response of the unchanged model contains; its output row becomes
@@ -141,11 +141,13 @@ def plant_early_eos(model, hf, engine, prompts: list[list[int]]) -> int:
     hidden, best = [], []
 
     def record(module, args, output):
-        hidden.append(args[0][-1].float())  # [batch, hidden]: no stops, so every forward holds every row
-        best.append(output[0][-1, :, : ARCH["vocab_size"]].float().max(dim=-1).values)
+        # Hugging Face's head over [batch, positions, hidden]; the last position is each row's next token
+        # (left padding, no stops: every forward holds every row)
+        hidden.append(args[0][:, -1].float())
+        best.append(output[:, -1, : ARCH["vocab_size"]].float().max(dim=-1).values)
 
-    handle = model.output_layer.register_forward_hook(record)
-    _, responses, _ = run_engine(engine, prompts)
+    handle = hf.lm_head.register_forward_hook(record)
+    _, responses, _ = run_hf(hf, prompts, None)
     handle.remove()
     states, top = torch.stack(hidden, dim=1), torch.stack(best, dim=1)  # [B, T, hidden], [B, T]
     direction = states.mean(dim=(0, 1))
@@ -173,8 +175,10 @@ def profile_run(fn) -> dict:
         fn()
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(event.self_cpu_time_total for event in events)
-    head = [ARCH["hidden_size"], ARCH["vocab_size"]]
-    output_layer = sum(e.self_cpu_time_total for e in events if e.key == "aten::mm" and head in e.input_shapes)
+    heads = ([ARCH["hidden_size"], ARCH["vocab_size"]], [ARCH["vocab_size"], ARCH["hidden_size"]])  # W.T or W
+    output_layer = sum(
+        e.self_cpu_time_total for e in events if e.key == "aten::mm" and any(head in e.input_shapes for head in heads)
+    )
     top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
     return {
         "top": [
@@ -276,9 +280,10 @@ def report(results: list[dict]) -> tuple[str, bool]:
     )
     lines += [
         "",
-        f"The output layer's matmul (`aten::mm` against the [{ARCH['hidden_size']}, {ARCH['vocab_size']}] weight, "
-        f"all row counts) as a share of self CPU time: {shares}. Both compute it as `x @ W.T` "
-        "(megatron's `ColumnParallelLinear`, Hugging Face's `nn.Linear`), the same MKL call.",
+        f"The output layer's matmul (`aten::mm` against the [{ARCH['vocab_size']}, {ARCH['hidden_size']}] weight, "
+        f"all row counts) as a share of self CPU time: {shares}. Hugging Face computes it as `x @ W.T` "
+        "(`nn.Linear`); the engine as `(W @ x.T).T` (`aligner.generation.torch_engine._matmul`), the shape MKL runs "
+        "faster for a few rows, then copies the logits to row order for the sampler (the `aten::copy_` row).",
     ]
     return "\n".join(lines), identical
 
@@ -297,7 +302,7 @@ def main() -> int:
     model, hf, prompts = build(SEED)
     no_eos = TorchEngine(model, eos_token_id=[], pad_token_id=PAD)
     results = [measure("no eos", no_eos, hf, prompts, None, args.repeats)]
-    eos = plant_early_eos(model, hf, no_eos, prompts)
+    eos = plant_early_eos(model, hf, prompts)
     with_eos = TorchEngine(model, eos_token_id=eos, pad_token_id=PAD)
     results.append(measure(f"early eos (id {eos})", with_eos, hf, prompts, eos, args.repeats))
 

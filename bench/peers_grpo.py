@@ -28,8 +28,9 @@ clipped at 1) over the 64 rollouts with the token-mean clipped loss (TRL's defau
   default gradient checkpointing: about 11 s and 5.7 GB on an idle machine, the issue says).
 - aligner `aligner.recipes.grpo.run`: `generation.max_new_tokens=64` on the built-in torch
   engine (KV cache, batched prefill); `trainer.global_batch_size=64` (one update per step) at
-  several `trainer.micro_batch_size`; the recipe also runs its forward-only old-policy
-  log-prob pass (with the entropy) every step, which TRL skips in this setting. The recipe has
+  several `trainer.micro_batch_size`; with one update per rollout batch the recipe, like TRL,
+  takes the old-policy log-probs from the update's own forward (no separate pass; its
+  `time_logprobs_s` is then ~0). The recipe has
   no `min_new_tokens` / `ignore_eos` setting, so the worker builds its engine with no stop ids
   (it replaces `aligner.trainers.online.stop_token_ids`): every response has exactly 64 tokens
   (a drawn eos is an ordinary token there, where TRL masks it: p ~ 1/32768 per token for a
@@ -418,7 +419,8 @@ def report(rows: list[dict], warmup: int, steps: int) -> str:
         "next's (torch's global optimizer hook, both sides), median (IQR) over the timed steps of every round; "
         "`in-step` = the trainer's own timer (TRL: on_step_begin -> on_step_end; aligner: the sum of its phase "
         "timers); phases (medians): `generate` (TRL: its `_generate_single_turn`; aligner: `time_generate_s`), "
-        "`log-prob pass` (aligner's forward-only old-policy log-probs and entropy; TRL skips it here), `update` "
+        "`log-prob pass` (aligner's forward-only old-policy log-probs and entropy, skipped like TRL's with one update "
+        "per rollout batch), `update` "
         "(aligner: `time_train_s`; TRL: in-step minus generate, with its rewards and advantages), `other` "
         "(aligner: rewards and engine refit). Peak RSS = the subprocess's ru_maxrss (largest over the rounds); "
         "in parentheses the ratio of the increases over the RSS after imports. `setup` = from building the "

@@ -7,6 +7,9 @@
 - :mod:`aligner.generation.torch_engine`: the built-in engine,
   :class:`~aligner.generation.torch_engine.TorchEngine`, over a megatron-core GPTModel shard (any
   machine, tensor-parallel aware), and the one-call :func:`~aligner.generation.torch_engine.generate`.
+- :mod:`aligner.generation.megatron_engine`: :class:`~aligner.generation.megatron_engine.MegatronEngine`,
+  megatron-core's inference forward and KV cache with the torch engine's sampler and stops (CUDA,
+  tensor parallelism; ``sleep`` frees the KV cache).
 - :mod:`aligner.generation.sampling`: the pure sampler (temperature, top-k, top-p; the log-prob as drawn).
 - :mod:`aligner.generation.refit`: a model's weights as Hugging Face-named buckets (from every pipeline
   stage), for engines that hold their own copy, and that copy for a pipeline-parallel trainer

@@ -127,6 +127,32 @@ class Rollouts:
     weights_version: int
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_buffers(
+        cls,
+        tokens: Tensor,
+        prompt_lengths: Tensor,
+        lengths: Tensor,
+        stop_reason: list[str],
+        logprobs: Tensor,
+        *,
+        weights_version: int,
+        metrics: dict[str, float],
+    ) -> Rollouts:
+        """Rollouts from an engine's full-width buffers (``[B, L]`` tokens, ``[B, L - 1]`` log-probs), cut to the
+        longest row; ``is_end`` where the stop reason is not ``"length"``."""
+        width = int(lengths.max())
+        return cls(
+            tokens=tokens[:, :width],
+            prompt_lengths=prompt_lengths,
+            lengths=lengths,
+            is_end=torch.tensor([reason != "length" for reason in stop_reason], device=tokens.device),
+            stop_reason=stop_reason,
+            logprobs=logprobs[:, : width - 1],
+            weights_version=weights_version,
+            metrics=metrics,
+        )
+
     @property
     def response_mask(self) -> Tensor:
         """``[B, S - 1]`` bool: True on the columns of :attr:`logprobs` that score a response token."""
@@ -203,9 +229,17 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, expected_version: int | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        expected_version: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> Rollouts:
         """Sample one response per prompt (a list of token ids).
+
+        The draws come from ``generator`` when given (its state advances), else from a generator
+        seeded with ``sampling.seed``, else from torch's default one.
 
         Raises:
             StaleWeightsError: ``expected_version`` is given and the engine's weights are older.

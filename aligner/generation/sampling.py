@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aligner.generation.base import SamplingParams
 from aligner.ops.logprob import token_logprobs
 
 
@@ -75,6 +76,48 @@ def sampling_probs(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, 
     return filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
 
 
+DRAW_BLOCK = 256  # entries per block of draw()'s first level
+
+
+def draw(probs: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of ``probs`` ``[B, V]`` (non-negative, positive row sums), drawn with chance ``p_i / sum(p)``.
+
+    Inverse-CDF sampling on two levels: a block of :data:`DRAW_BLOCK` entries by the blocks'
+    masses, then an entry of that block by its share, each over a float64 running sum with one
+    float64 uniform. Every entry's chance is then its share to the float32 precision of the entry
+    itself, tiny ones included (one float32 running sum over a 32k vocabulary would round a share
+    below ~6e-8 to 0 or double it), and an entry of 0 is never drawn. It needs two uniforms per
+    row, where ``torch.multinomial`` draws an exponential per entry: ~1 ms against ~25 ms for
+    32 x 32768 on 2 CPU threads.
+
+    Args:
+        probs: ``[B, V]`` float weights.
+        generator: the random stream (on ``probs``' device); None: torch's default.
+
+    Returns:
+        ``[B]`` int64 indices.
+    """
+    rows, vocab = probs.shape
+    if vocab % DRAW_BLOCK:
+        probs = torch.nn.functional.pad(probs, (0, DRAW_BLOCK - vocab % DRAW_BLOCK))  # zeros: never drawn
+    blocks = probs.view(rows, -1, DRAW_BLOCK)
+    uniforms = torch.rand(rows, 2, generator=generator, dtype=torch.float64, device=probs.device)
+    block = _inverse_cdf(blocks.sum(dim=-1, dtype=torch.float64), uniforms[:, 0])
+    entries = blocks[torch.arange(rows, device=probs.device), block].double()  # [B, DRAW_BLOCK]
+    return block * DRAW_BLOCK + _inverse_cdf(entries, uniforms[:, 1])
+
+
+def _inverse_cdf(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """Per row of ``weights`` ``[B, n]`` (float64, non-negative, positive sums): the entry whose interval
+    of the running sum holds ``uniform * sum``; an entry of weight 0 has an empty interval."""
+    cumulative = weights.cumsum(dim=-1)
+    index = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True).squeeze(1)
+    # uniform < 1, so the target lies below the sum, unless rounding lifts it there: take the last entry
+    # with weight then
+    last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(index, last)
+
+
 def sample_with_logprobs(
     logits: Tensor,
     *,
@@ -87,7 +130,7 @@ def sample_with_logprobs(
     """One token per row and its log-prob as drawn.
 
     Sampling: ``token ~ softmax(z)`` with ``z = filtered_logits(logits, ...)``
-    (``torch.multinomial`` with ``generator``, so a generator in a known state
+    (:func:`draw` with ``generator``, so a generator in a known state
     gives a known token) and ``logprob = log_softmax(z)[token]``.
     Greedy: ``token = argmax(logits)`` (the first of tied maxima) and
     ``logprob = log_softmax(logits)[token]``, the log-prob under the model at
@@ -111,6 +154,24 @@ def sample_with_logprobs(
         tokens = scores.argmax(dim=-1)
     else:
         scores = filtered_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        tokens = draw(scores.softmax(dim=-1), generator=generator)
     # One pass over each row (aligner's op), not a [B, V] log_softmax: the engine calls this every step.
     return tokens, token_logprobs(scores, tokens)
+
+
+def sample_as(
+    logits: Tensor, sampling: SamplingParams, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_with_logprobs` with the temperature, top-k, top-p and greedy of ``sampling``.
+
+    Returns:
+        ``([B] int64 tokens, [B] float32 log-probs as drawn)``.
+    """
+    return sample_with_logprobs(
+        logits,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        greedy=sampling.greedy,
+        generator=generator,
+    )

@@ -60,7 +60,6 @@ from aligner.trainers.online import (
     check_rollout_batch,
     load_online_prompts,
     policy_forward_step,
-    rollout_logprobs,
 )
 from aligner.trainers.rollouts import (
     PhaseTimer,
@@ -90,6 +89,8 @@ class GRPOConfig:
         prompts_per_step: distinct prompts per step over all data-parallel ranks.
         group_size: responses drawn per prompt (the group of the advantage).
         epochs: passes over each rollout batch (each pass: one optimizer step per trainer.global_batch_size rollouts).
+        recompute_old_logprobs: run a forward-only pass for the rollout policy's log-probs even when the update is
+            one optimizer step over the whole batch (false: that step's own forward gives them, ratio exactly 1).
         normalize_std: divide the advantage by the group's std (null: the variant's; false for dr_grpo).
         std_eps: added to the group std.
         baseline: mean (the group mean) or leave_one_out (the mean of the other samples).
@@ -113,6 +114,7 @@ class GRPOConfig:
     prompts_per_step: int = 8
     group_size: int = 4
     epochs: int = 1
+    recompute_old_logprobs: bool = False
     normalize_std: bool | None = None
     std_eps: float = 1e-6
     baseline: str | None = None
@@ -284,6 +286,7 @@ def run(config: GRPORunConfig) -> Run:
         val_prompts,
         rollouts_per_step=grpo.prompts_per_step * grpo.group_size,
         epochs=grpo.epochs,
+        recompute_old_logprobs=grpo.recompute_old_logprobs,
     )
     pad = config.data.pad_to_multiple_of
     with online:
@@ -299,9 +302,7 @@ def run(config: GRPORunConfig) -> Run:
                 batch["loss_mask"] = mask_unfinished(batch["loss_mask"], batch["is_end"])
             micro_batches = split_rows(batch, config.trainer.micro_batch_size, pad_to_multiple_of=pad)
             with timer("logprobs"):
-                metrics.update(
-                    rollout_logprobs(online.state, reference, batch, micro_batches, temperature=generation.temperature)
-                )
+                metrics.update(online.logprobs(reference, batch, micro_batches))
             metrics.update(average_over_data_parallel({"advantage_abs_mean": batch["advantages"].abs().mean().item()}))
             with timer("train"):
                 metrics.update(online.update(batch, forward_step))

@@ -55,7 +55,6 @@ from aligner.trainers.online import (
     check_rollout_batch,
     load_online_prompts,
     policy_forward_step,
-    rollout_logprobs,
 )
 from aligner.trainers.rollouts import (
     PhaseTimer,
@@ -86,6 +85,8 @@ class ReinforceConfig:
         prompts_per_step: distinct prompts per step over all data-parallel ranks.
         samples_per_prompt: responses drawn per prompt (>= 2: the leave-one-out baseline needs another sample).
         epochs: passes over each rollout batch (each pass: one optimizer step per trainer.global_batch_size rollouts).
+        recompute_old_logprobs: run a forward-only pass for the rollout policy's log-probs even when the update is
+            one optimizer step over the whole batch (false: that step's own forward gives them, ratio exactly 1).
         kl_coef: weight of the KL to the reference (the initial policy) in the reward; 0 loads no reference.
         kl_estimator: k1 (logp - ref_logp) or abs (its absolute value, NeMo-Aligner's use_absolute_kl).
         kl_reduction: mean (NeMo-Aligner) or sum (TRL's RLOO) of the per-token KL over a response.
@@ -99,6 +100,7 @@ class ReinforceConfig:
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     epochs: int = 1
+    recompute_old_logprobs: bool = False
     kl_coef: float | None = None
     kl_estimator: str = "k1"
     kl_reduction: str = "mean"
@@ -193,6 +195,7 @@ def run(config: ReinforceRunConfig) -> Run:
         val_prompts,
         rollouts_per_step=reinforce.prompts_per_step * group_size,
         epochs=reinforce.epochs,
+        recompute_old_logprobs=reinforce.recompute_old_logprobs,
     )
     sampling = generation.sampling()
     with online:
@@ -212,9 +215,8 @@ def run(config: ReinforceRunConfig) -> Run:
                 batch, config.trainer.micro_batch_size, pad_to_multiple_of=config.data.pad_to_multiple_of
             )
             with timer("logprobs"):
-                metrics.update(
-                    rollout_logprobs(online.state, reference, batch, micro_batches, temperature=generation.temperature)
-                )
+                # the KL in the reward needs the rollout policy's log-probs before the update
+                metrics.update(online.logprobs(reference, batch, micro_batches, old_needed=reference is not None))
             shaped = scores.total
             if reference is not None:
                 shaped, kl_metrics = kl_in_reward(

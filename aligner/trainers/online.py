@@ -82,12 +82,26 @@ def build_engine(model: torch.nn.Module, tokenizer: Any, generation: GenerationC
 
     The torch engine generates with ``model`` itself under tensor parallelism (a refit only
     records the version); under pipeline parallelism with a full-depth copy on every rank that
-    each refit fills from ``model``'s stages.
+    each refit fills from ``model``'s stages. The megatron engine generates with ``model``
+    itself (CUDA and tensor parallelism only) through megatron-core's inference forward and KV
+    cache, sized by ``generation.megatron_max_batch_size`` / ``megatron_max_sequence_length``.
     """
     from aligner.generation.refit import build_engine_model
     from aligner.generation.torch_engine import TorchEngine
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if generation.backend == "megatron":
+        from aligner.generation.megatron_engine import MegatronEngine
+
+        return MegatronEngine(
+            model,
+            eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=pad,
+            vocab_size=model.aligner_config.vocab_size,
+            detokenize=tokenizer.decode,
+            max_batch_size=generation.megatron_max_batch_size,
+            max_sequence_length=generation.megatron_max_sequence_length,
+        )
     return TorchEngine(
         build_engine_model(model),
         eos_token_id=stop_token_ids(tokenizer),
@@ -148,14 +162,22 @@ def rollout_logprobs(
     micro_batches: list[dict[str, torch.Tensor]],
     *,
     temperature: float,
+    old: bool = True,
 ) -> dict[str, float]:
     """Put the rollout policy's (``old_logprobs``) and the reference's (``ref_logprobs``) log-probs in ``batch``.
 
     Forward-only passes over ``micro_batches`` (the rows of ``batch``), at the sampling
     temperature. Returns ``policy_entropy``: the rollout policy's mean entropy over the
-    trained tokens, averaged over the data-parallel group (a collective).
+    trained tokens, averaged over the data-parallel group (a collective). With ``old`` False
+    the rollout policy's pass is left out (see :meth:`OnlineRun.needs_old_logprobs`; the
+    update's forward then reports ``policy_entropy``) and nothing is returned.
     """
     width = batch["input_ids"].shape[1]
+    if not old:
+        if reference is not None:
+            ref, _ = token_logprobs(reference, micro_batches, temperature=temperature)
+            batch["ref_logprobs"] = fit_width(ref, width)
+        return {}
     old, entropy = token_logprobs(state.ddp_model, micro_batches, temperature=temperature, entropy=True)
     batch["old_logprobs"] = fit_width(old, width)
     if reference is not None:
@@ -170,16 +192,20 @@ def policy_forward_step(policy: PolicyLossConfig, *, temperature: float, max_new
     """The update's ``forward_step``: :func:`~aligner.algorithms.policy_gradient.policy_loss` of a micro-batch.
 
     The batch holds the rollout rows (:func:`~aligner.trainers.rollouts.training_rows`) with
-    ``old_logprobs``, ``advantages`` and, when there is a reference, ``ref_logprobs`` (the KL is then
+    ``advantages``, ``old_logprobs`` and, when there is a reference, ``ref_logprobs`` (the KL is then
     reported, and added to the loss with ``policy.kl_coef > 0``). The policy's log-probs are taken at
-    the sampling ``temperature``; its entropy only when the loss has an entropy bonus.
+    the sampling ``temperature``; its entropy when the loss has an entropy bonus. A batch without
+    ``old_logprobs`` is the rollout policy's own single update (:meth:`OnlineRun.needs_old_logprobs`):
+    the old log-probs are this forward's, detached (the ratio is exactly 1), and its entropy is
+    reported as ``policy_entropy``.
     """
 
     def forward_step(batch, model):
         hidden = lm_hidden_states(model, batch["input_ids"])
 
         def loss_func(hidden):
-            with_entropy = policy.entropy_coef > 0
+            on_policy = "old_logprobs" not in batch
+            with_entropy = policy.entropy_coef > 0 or on_policy
             out = lm_token_logprobs(
                 model, hidden, batch["labels"], temperature=temperature, return_entropy=with_entropy
             )
@@ -187,7 +213,7 @@ def policy_forward_step(policy: PolicyLossConfig, *, temperature: float, max_new
             mask = batch["loss_mask"]
             loss_sum, count, metrics = policy_loss(
                 logprobs,
-                batch["old_logprobs"],
+                logprobs.detach() if on_policy else batch["old_logprobs"],
                 batch["advantages"],
                 mask,
                 policy,
@@ -196,6 +222,8 @@ def policy_forward_step(policy: PolicyLossConfig, *, temperature: float, max_new
                 generation_logprobs=batch["generation_logprobs"],
                 max_length=max_new_tokens,
             )
+            if on_policy:
+                metrics["policy_entropy"] = metrics["entropy"] if policy.entropy_coef > 0 else metrics.pop("entropy")
             return loss_sum, count, weighted_metrics(metrics, mask.sum())
 
         return hidden, loss_func
@@ -235,6 +263,8 @@ class OnlineRun:
         val_prompts: validation prompts, or None.
         rollouts_per_step: rollouts of a step over all data-parallel ranks.
         epochs: passes over each rollout batch.
+        recompute_old_logprobs: always run the forward-only pass of the rollout policy's log-probs
+            (see :meth:`needs_old_logprobs`).
 
     Attributes:
         state, run, engine, sampling_rng: the train state (``policy``), the resumed run, the engine at
@@ -253,10 +283,12 @@ class OnlineRun:
         *,
         rollouts_per_step: int,
         epochs: int,
+        recompute_old_logprobs: bool = False,
     ) -> None:
         dp_size = parallel_state.get_data_parallel_world_size()
         self.config = config
         self.epochs = epochs
+        self.recompute_old_logprobs = recompute_old_logprobs
         self.mini_batch_rows = config.trainer.global_batch_size // dp_size
         updates_per_step = epochs * rollouts_per_step // config.trainer.global_batch_size
         steps = run_length(config.trainer, loader)
@@ -286,10 +318,44 @@ class OnlineRun:
         self.run.__exit__(*exc_info)
 
     def generate(self, prompts: PromptBatch, sampling: SamplingParams) -> Rollouts:
-        """This rank's rollouts of ``prompts`` with the current weights (a stale engine is an error)."""
-        return self.engine.generate(
-            prompts.prompt_ids, sampling, expected_version=self.state.step, generator=self.sampling_rng.generator
-        )
+        """This rank's rollouts of ``prompts`` with the current weights (a stale engine is an error).
+
+        The engine is woken for the generation and put to sleep after it, so that on a GPU its KV
+        cache does not stay allocated through scoring and training.
+        """
+        self.engine.wake()
+        try:
+            return self.engine.generate(
+                prompts.prompt_ids, sampling, expected_version=self.state.step, generator=self.sampling_rng.generator
+            )
+        finally:
+            self.engine.sleep()
+
+    def needs_old_logprobs(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the update of ``batch`` needs a forward-only pass for the rollout policy's log-probs.
+
+        Not when the update is one optimizer step over the whole batch (one epoch, the batch within
+        one mini-batch) and ``recompute_old_logprobs`` is off: that step's forward runs the rollout
+        policy itself (the weights the engine generated with, no dropout), so its log-probs, detached,
+        are the old ones, as in TRL and veRL; the pass would cost a forward over every rollout.
+        """
+        rows = batch["input_ids"].shape[0]
+        return self.recompute_old_logprobs or self.epochs > 1 or rows > self.mini_batch_rows
+
+    def logprobs(
+        self,
+        reference: torch.nn.Module | None,
+        batch: dict[str, torch.Tensor],
+        micro_batches: list[dict[str, torch.Tensor]],
+        *,
+        old_needed: bool = False,
+    ) -> dict[str, float]:
+        """:func:`rollout_logprobs` of ``batch`` at the sampling temperature: the reference's, and the rollout
+        policy's where the update needs them (:meth:`needs_old_logprobs`) or ``old_needed`` (e.g. for a KL in
+        the reward)."""
+        old = old_needed or self.needs_old_logprobs(batch)
+        temperature = self.config.generation.temperature
+        return rollout_logprobs(self.state, reference, batch, micro_batches, temperature=temperature, old=old)
 
     def update(self, batch: dict[str, torch.Tensor], forward_step: ForwardStep) -> dict[str, float]:
         """``epochs`` passes over ``batch`` in mini-batches of ``trainer.global_batch_size`` rollouts (over ranks)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from sampling_reference import reference_logprobs, reference_probs
 
-from aligner.generation.sampling import filtered_logits, sample_with_logprobs, sampling_probs
+from aligner.generation.sampling import draw, filtered_logits, sample_with_logprobs, sampling_probs
 
 # Probabilities: float32 softmax of the same values along two code paths.
 PROB_ATOL = 1e-6
@@ -113,3 +113,53 @@ def test_bad_logits():
         sample_with_logprobs(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="logits"):
         sampling_probs(torch.ones(2, 5, dtype=torch.long))
+
+
+def test_draw_over_several_blocks_follows_the_distribution():
+    probs = torch.rand(700) + 0.1  # 700: two full blocks and a padded third; ~28 draws per entry
+    probs[torch.randperm(700)[:100]] = 0
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    draws = draw(probs.expand(SAMPLES, -1), generator=gen)
+    expected = (probs / probs.sum()).double()
+    freq = torch.bincount(draws, minlength=700).double() / SAMPLES
+    assert (freq[expected == 0] == 0).all(), "an entry of 0 was drawn"
+    sigma = (expected * (1 - expected) / SAMPLES).sqrt()
+    assert ((freq - expected).abs() <= FREQ_SIGMAS * sigma + 1e-12).all()
+
+
+def test_draw_gives_tiny_shares_their_intervals(monkeypatch):
+    """A dominant entry and a tail of 2e-8 shares after it: uniforms aimed (in float64) at the middle of
+    tail entries' intervals draw those entries. One float32 running sum steps by ~6e-8 near 1 and would
+    give every such entry an empty interval."""
+    vocab = 1000
+    probs = torch.full((vocab,), 2e-8)
+    probs[3] = 1.0 - 2e-8 * (vocab - 1)
+    targets = torch.randperm(vocab - 300)[:50] + 300  # tail entries past the dominant one's block
+    p = probs.double()
+    block_mass = torch.nn.functional.pad(p, (0, 24)).view(-1, 256).sum(-1)
+    uniforms = []
+    for j in targets.tolist():
+        k, offset = divmod(j, 256)
+        before_block = float(block_mass[:k].sum())
+        within = float(p[k * 256 : j].sum())
+        uniforms.append(
+            [
+                (before_block + 0.5 * float(block_mass[k])) / float(block_mass.sum()),
+                (within + 0.5 * float(p[j])) / float(block_mass[k]),
+            ]
+        )
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(uniforms, dtype=torch.float64))
+    assert draw(probs.expand(len(targets), -1)).tolist() == targets.tolist()
+
+
+def test_draw_edges(monkeypatch):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    one_hot = torch.zeros(5, 300)
+    one_hot[torch.arange(5), torch.tensor([0, 299, 255, 256, 17])] = 0.25  # any positive scale
+    assert draw(one_hot, generator=gen).tolist() == [0, 299, 255, 256, 17]
+    assert draw(torch.tensor([[3.0]]), generator=gen).tolist() == [0]
+    # uniforms at their largest: the target may round up to the sum; the last entry with weight is taken
+    last = torch.zeros(2, 600)
+    last[:, 10] = last[:, 400] = 1.0
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((2, 2), 1.0 - 2**-53, dtype=torch.float64))
+    assert draw(last).tolist() == [400, 400]

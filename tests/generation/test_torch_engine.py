@@ -120,9 +120,22 @@ def _error(fn) -> str:
     return "no error"
 
 
-def _capture_output_layer(model, store: list):
-    """Record the gathered logits ``[batch, padded_vocab]`` of every forward the engine makes."""
-    return model.output_layer.register_forward_hook(lambda module, args, output: store.append(output[0][-1].clone()))
+class _CaptureLogits:
+    """Record the gathered logits ``[batch, padded_vocab]`` of every forward ``engine`` makes, until ``remove()``."""
+
+    def __init__(self, engine: TorchEngine, store: list):
+        head = engine._head
+
+        def recording(hidden):
+            logits = head(hidden)
+            store.append(logits.clone())
+            return logits
+
+        engine._head = recording
+        self.engine = engine
+
+    def remove(self) -> None:
+        del self.engine._head  # the class's method again
 
 
 def tp1_worker(state_dict):
@@ -149,7 +162,7 @@ def tp1_worker(state_dict):
     result["as_drawn"] = {}
     for name, sampling in LOGPROB_CASES.items():
         logits: list[torch.Tensor] = []
-        handle = _capture_output_layer(model, logits)
+        handle = _CaptureLogits(engine, logits)
         out = engine.generate(PROMPTS, sampling)
         handle.remove()
         with torch.no_grad():
@@ -161,7 +174,7 @@ def tp1_worker(state_dict):
     result["eos_token"] = eos_token
     eos_engine = TorchEngine(model, eos_token_id=eos_token, pad_token_id=PAD)
     batch_sizes: list[torch.Tensor] = []
-    handle = _capture_output_layer(model, batch_sizes)
+    handle = _CaptureLogits(eos_engine, batch_sizes)
     result["eos"] = eos_engine.generate(PROMPTS, GREEDY)
     handle.remove()
     result["eos_batch_sizes"] = [len(logits) for logits in batch_sizes]
@@ -286,6 +299,8 @@ VARIANTS = {
     "tied": {"tie_word_embeddings": True},
     "rope_scaling": {"rope_scaling_factor": 8.0},
     "bf16": {"params_dtype": "bfloat16"},
+    "qk_layernorm": {"qk_layernorm": True},
+    "qkv_bias_qk_layernorm_tied": {"qkv_bias": True, "qk_layernorm": True, "tie_word_embeddings": True},
 }
 # bf16: the engine and the full forward round differently; logits of a few units have a bf16 spacing of ~0.03.
 BF16_LOGPROB_ATOL = 0.25

@@ -126,7 +126,8 @@ def test_one_update_per_batch_has_ratio_one_and_the_engine_agrees_with_the_train
     assert [step["step"] for step in history] == [1, 2, 3]
     for step in history:
         assert step["updates"] == 1
-        # The old log-probs are the trainer's own, on the same micro-batches: the ratio is 1 exactly.
+        # The old log-probs are the trainer's own (GRPO: the update forward's; REINFORCE, whose KL in the
+        # reward needs them first: a forward-only pass on the same micro-batches): the ratio is 1 exactly.
         assert step["ratio_min"] == step["ratio_max"] == 1.0, step
         assert step["clip_fraction"] == 0.0
         # The engine's log-probs (after temperature 0.7) are the trainer's, up to summation order.
@@ -136,7 +137,36 @@ def test_one_update_per_batch_has_ratio_one_and_the_engine_agrees_with_the_train
             assert name in step
         assert 0.0 <= step["is_end_fraction"] <= 1.0
     assert KL_METRIC[recipe] in history[0]
+    assert all("policy_entropy" in step for step in history)
     assert any(step["grad_norm"] > 0 for step in history)  # something was learned (step 1 may have no spread)
+
+
+def test_a_single_update_takes_the_old_logprobs_from_its_own_forward(sft_start, tmp_path):
+    """One optimizer step per rollout batch: the update's forward (no separate pass) gives the recomputed step.
+
+    Both runs draw the same rollouts (same seed and weights at every step as long as the updates agree);
+    the recomputed old log-probs equal the update forward's up to float32 rounding (eval vs train mode
+    on the same micro-batches, no dropout), so the steps agree to rounding amplified by Adam.
+    """
+    results = {}
+    for recompute in (False, True):
+        overrides = mechanics(
+            "grpo",
+            sft_start,
+            tmp_path / f"run-{recompute}",
+            "trainer.global_batch_size=16",
+            "trainer.max_steps=2",
+            f"grpo.recompute_old_logprobs={str(recompute).lower()}",
+        )
+        (results[recompute],) = run_distributed(online_worker, 1, args=("grpo", overrides))
+    own, recomputed = results[False]["history"], results[True]["history"]
+    assert all(step["time_logprobs_s"] < other["time_logprobs_s"] for step, other in zip(own, recomputed, strict=True))
+    for step, other in zip(own, recomputed, strict=True):
+        for name in ("loss", "grad_norm", "policy_entropy", "kl", "reward_mean", "token_mult_prob_error"):
+            assert step[name] == pytest.approx(other[name], rel=PARALLEL_RTOL, abs=PARALLEL_ATOL), name
+        assert step["ratio_min"] == step["ratio_max"] == 1.0  # exactly: the old log-probs are the forward's own
+    for name, tensor in results[True]["weights"].items():
+        torch.testing.assert_close(results[False]["weights"][name], tensor, rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL)
 
 
 RESUME_CASES = {
@@ -191,39 +221,46 @@ def test_parallel_layouts_match_a_single_process(recipe, sft_start, tmp_path):
             )
 
 
-# Learning: from the SFT start, the exact-answer reward. The training reward (sampled, on the
-# training prompts) must rise; greedy accuracy on the held-out prompts (data/rl_prompt/val.jsonl:
-# problems neither the SFT nor the RL data show), measured before the first step and after the
-# last, must not fall. Measured at these settings (lr 2e-4, 16 prompts x 8 samples, CPU):
-# GRPO's training reward 0.39 -> 0.70 (first / last 50 of 400 steps), held-out 0.36 -> 0.55;
-# RLOO held-out 0.36 -> 0.53. The issue's target of +0.2 held-out is not reliably reached by
-# this tiny model in the time budget (see the README).
+# Learning: from the SFT start, the exact-answer reward, each recipe for LEARNING_STEPS steps of 16
+# prompts x 8 samples (one optimizer step each, lr 5e-4 decayed to 1e-5 by cosine). Greedy accuracy on
+# the held-out prompts (data/rl_prompt/val.jsonl: problems neither the SFT nor the RL data show) must
+# rise by the issue's 0.2, measured before the first step and after the last; the sampled training
+# reward must rise too. Measured here (2 CPU threads, ~100 s a run): held-out 0.36 -> 0.62 for
+# GRPO, REINFORCE and RLOO alike; training reward (first / last 50 steps) 0.37 -> 0.72 (GRPO),
+# 0.40 -> 0.62 (REINFORCE), 0.38 -> 0.73 (RLOO). REINFORCE keeps its KL in the reward but trains on
+# unfinished responses too: with them masked (the variant's default) nothing pushes a response to
+# end, and on this task responses drift to the length limit (is_end 0.98 -> 0.22 over 800 steps).
 LEARNING_CASES = {
     "grpo": ("grpo", ["grpo.kl_coef=0.0"]),
+    "reinforce": ("reinforce", ["reinforce.mask_unfinished=false"]),
     "rloo": ("reinforce", ["reinforce.variant=rloo"]),
 }
-LEARNING_STEPS, WINDOW = 300, 50
+LEARNING_STEPS, WINDOW = 500, 50
 TRAIN_RISE = 0.15  # the window means' standard error is ~0.02 (128 binary rewards per step)
-HELD_OUT_SLACK = 0.1  # 64 greedy answers over ~20 problems: one problem moves the accuracy by ~0.05
+HELD_OUT_RISE = 0.2  # the issue's target; 64 greedy answers over 20 problems: one problem is ~0.05
 
 
 @pytest.mark.parametrize("case", list(LEARNING_CASES))
-def test_training_reward_rises_and_held_out_accuracy_does_not_fall(case, sft_start, tmp_path):
+def test_training_reward_and_held_out_accuracy_rise(case, sft_start, tmp_path):
     recipe, extra = LEARNING_CASES[case]
     overrides = [
         *data_overrides(sft_start.parents[2], tmp_path / "run", val=True),
         f"model.hf_path={sft_start}",
         f"trainer.max_steps={LEARNING_STEPS}",
-        "trainer.max_epochs=100",
+        "trainer.max_epochs=1000",
         f"trainer.val_every={LEARNING_STEPS}",
-        "optim.lr=2e-4",
+        "trainer.global_batch_size=128",
+        "trainer.micro_batch_size=64",
+        "optim.lr=5e-4",
+        "optim.min_lr=1e-5",
+        "optim.lr_decay_style=cosine",
         *extra,
     ]
     (result,) = run_distributed(online_worker, 1, args=(recipe, overrides))
     rewards = [step["reward_exact_answer_mean"] for step in result["history"]]
     first, last = sum(rewards[:WINDOW]) / WINDOW, sum(rewards[-WINDOW:]) / WINDOW
-    assert last - first >= TRAIN_RISE, (first, last)
     assert [entry["step"] for entry in (result["val"][0], result["val"][-1])] == [0, LEARNING_STEPS]
     start, end = (result["val"][index]["reward_exact_answer_mean"] for index in (0, -1))
-    assert end >= start - HELD_OUT_SLACK, (start, end)
     print(f"{case}: training reward {first:.3f} -> {last:.3f}, held-out greedy accuracy {start:.3f} -> {end:.3f}")
+    assert last - first >= TRAIN_RISE, (first, last)
+    assert end - start >= HELD_OUT_RISE or end >= 0.9, (start, end)
