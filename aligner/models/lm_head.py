@@ -217,6 +217,7 @@ def lm_token_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    labelled_only: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log_softmax(hidden @ W.T / T)[labels]`` per token over the real vocabulary, without the logits.
 
@@ -227,7 +228,8 @@ def lm_token_logprobs(
     docstring); differentiable w.r.t. ``hidden`` and ``W``, and ``hidden``'s gradient is the
     full one on every tensor-parallel rank (as megatron's output layer makes it). Without
     ``return_entropy`` only the positions with a label go through the head (prompt and
-    padding rows cost nothing); with it, every position does (entropy is defined everywhere).
+    padding rows cost nothing); with it, every position does (entropy is defined everywhere),
+    unless ``labelled_only`` asks for the entropy of the labelled positions alone.
 
     Args:
         model: the GPTModel (or a wrapper of it) on its last pipeline stage.
@@ -236,6 +238,9 @@ def lm_token_logprobs(
             contract: already shifted, -100 where nothing is trained).
         temperature: positive divisor applied to the logits.
         return_entropy: also return the entropy of every position (-100 ones included).
+        labelled_only: with ``return_entropy``, the entropy of the labelled positions only (0 where
+            ``labels == -100``), at the cost of the log-probs alone (e.g. a policy's entropy over
+            its response tokens, where a rollout is often half prompt).
 
     Returns:
         ``[B, S]`` float32 log-probs (float64 for a float64 model), 0 where ``labels == -100``;
@@ -255,18 +260,24 @@ def lm_token_logprobs(
     _check_labels(labels, hidden, vocab_size)
     weight = _output_weight(gpt)
     labels_sb = labels.t()  # [S, B], the rows of hidden; transposing ids is cheaper than the hidden states
-    if not return_entropy:
+    if not return_entropy or labelled_only:
         # Only trained positions need the head: prompt and padding rows (label -100) are left out of
         # the [rows, V] products, forward and backward (a DPO or SFT batch is often half prompt).
         flat_labels = labels_sb.reshape(-1)
         rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         if 0 < rows.numel() < flat_labels.numel():
             hidden_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-            picked = _head(gpt, hidden_rows, weight, flat_labels.index_select(0, rows), vocab_size, temperature, False)
-            logprobs = picked.new_zeros(flat_labels.shape).index_copy(0, rows, picked)
-            return logprobs.view(labels_sb.shape).t().contiguous()
+            labels_rows = flat_labels.index_select(0, rows)
+            out = _head(gpt, hidden_rows, weight, labels_rows, vocab_size, temperature, return_entropy)
+            scattered = [
+                part.new_zeros(flat_labels.shape).index_copy(0, rows, part).view(labels_sb.shape).t().contiguous()
+                for part in (out if return_entropy else (out,))
+            ]
+            return tuple(scattered) if return_entropy else scattered[0]
     out = _head(gpt, hidden, weight, labels_sb, vocab_size, temperature, return_entropy)
     if return_entropy:
         logprobs, entropy = out
+        if labelled_only:
+            entropy = torch.where(labels_sb == IGNORE_INDEX, 0.0, entropy)
         return logprobs.t().contiguous(), entropy.t().contiguous()
     return out.t().contiguous()

@@ -18,7 +18,6 @@ each sequence's last real token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -26,54 +25,13 @@ from aligner import cli
 from aligner.algorithms.dpo import split_pairs
 from aligner.algorithms.logprobs import last_token_values
 from aligner.algorithms.reward import pairwise_loss, regression_loss
-from aligner.config import ConfigError, RunConfig
-from aligner.data import HELPSTEER2_ATTRIBUTES
 from aligner.data.splits import load_splits, make_loaders
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.parallel import initialize
+from aligner.rewards.model_config import KINDS, RMConfig, RMRunConfig  # noqa: F401  (KINDS: re-exported)
 from aligner.trainers.fit import fit_model
 from aligner.trainers.run import Run
 from aligner.trainers.step import weighted_metrics
-
-KINDS = ("pairwise", "regression")
-
-
-@dataclass
-class RMConfig:
-    """The reward model's objective.
-
-    Attributes:
-        kind: "pairwise" (Bradley-Terry on preference pairs) or "regression" (attributes).
-        margin: pairwise only: a constant margin subtracted from ``r_c - r_r``.
-        centering_coef: pairwise only: weight of ``(r_c + r_r)^2`` (keeps rewards centred at 0).
-        attribute_names: regression only: the attributes, in the head's output order.
-    """
-
-    kind: str = "pairwise"
-    margin: float = 0.0
-    centering_coef: float = 0.0
-    attribute_names: list[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"rm.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "regression" and not self.attribute_names:
-            raise ConfigError("rm.attribute_names must name at least one attribute for a regression reward model")
-
-    @property
-    def num_outputs(self) -> int:
-        return 1 if self.kind == "pairwise" else len(self.attribute_names)
-
-
-@dataclass
-class RMRunConfig(RunConfig):
-    """Reward model training.
-
-    Attributes:
-        rm: the reward model's objective.
-    """
-
-    rm: RMConfig = field(default_factory=RMConfig)
 
 
 def make_forward_step(rm: RMConfig):

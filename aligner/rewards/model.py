@@ -8,7 +8,7 @@ score; a regression (multi-attribute) model has one per attribute and the score
 is ``sum_k attribute_weights[k] * value[k]``.
 
 Scoring runs megatron's forward-only schedule
-(:func:`aligner.trainers.step.forward_only`) in micro-batches, so it works at any
+(:func:`aligner.models.schedule.forward_only`) in micro-batches, so it works at any
 tensor / pipeline / data-parallel layout: each data-parallel replica scores its
 own rollouts, the ranks of one tensor-parallel group pass the same ones, and the
 scores, computed on the last pipeline stage, are shared with every stage.
@@ -33,8 +33,9 @@ from aligner.checkpoint.state import CONFIG, META
 from aligner.config import ConfigError, load_config
 from aligner.models.gpt import build_model
 from aligner.models.loading import architecture_of
+from aligner.models.schedule import forward_only
 from aligner.rewards.inputs import RewardInputs
-from aligner.trainers.step import forward_only
+from aligner.rewards.model_config import RMRunConfig
 
 REWARD_MODEL_STATE = "reward_model"  # the train state the rm recipe saves
 
@@ -245,8 +246,6 @@ def load_reward_model(path: str | Path) -> tuple[torch.nn.Module, list[str]]:
             cannot be built (see :func:`aligner.models.loading.architecture_of`).
         ValueError: the checkpoint has no ``reward_model`` state.
     """
-    from aligner.recipes.rm import RMRunConfig
-
     checkpoint = Path(path)
     if not (checkpoint / META).is_file():
         latest = latest_checkpoint(checkpoint)

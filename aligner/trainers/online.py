@@ -207,7 +207,12 @@ def policy_forward_step(policy: PolicyLossConfig, *, temperature: float, max_new
             on_policy = "old_logprobs" not in batch
             with_entropy = policy.entropy_coef > 0 or on_policy
             out = lm_token_logprobs(
-                model, hidden, batch["labels"], temperature=temperature, return_entropy=with_entropy
+                model,
+                hidden,
+                batch["labels"],
+                temperature=temperature,
+                return_entropy=with_entropy,
+                labelled_only=True,  # the loss and the metric read the entropy of response tokens only
             )
             logprobs, entropy = out if with_entropy else (out, None)
             mask = batch["loss_mask"]

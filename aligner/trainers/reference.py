@@ -1,6 +1,6 @@
 """Frozen-model passes: sequence log-probs of a frozen model (a reference policy), per step or precomputed.
 
-Every pass runs the forward-only pipeline schedule (:func:`aligner.trainers.step.forward_only`)
+Every pass runs the forward-only pipeline schedule (:func:`aligner.models.schedule.forward_only`)
 through the fused LM head (:mod:`aligner.models.lm_head`), so it works at any
 tensor/pipeline/data-parallel layout and never holds ``[batch, seq, vocab]`` logits;
 the values land on the last pipeline stage, where losses are computed.
@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from aligner.data import EncodedDataset, GlobalBatchLoader, collate
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
-from aligner.trainers.step import CollectStep, forward_only
+from aligner.models.schedule import CollectStep, forward_only
 
 
 def sequence_logprobs_step(input_key: str = "input_ids", labels_key: str = "labels") -> CollectStep:

@@ -38,11 +38,12 @@ from aligner.data.collate import padded_width
 from aligner.data.prompts import PromptBatch, PromptLoader
 from aligner.generation.base import Rollouts
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
+from aligner.models.schedule import forward_only
 from aligner.ops import IGNORE_INDEX
 from aligner.rewards.combine import CombinedReward, RewardScores
 from aligner.rewards.inputs import RewardInputs
 from aligner.trainers.state import TrainState
-from aligner.trainers.step import ForwardStep, forward_only, train_step
+from aligner.trainers.step import ForwardStep, train_step
 
 # Metrics whose mean over a step's updates would mislead: the extremes and the last value are reported.
 _MIN_METRICS = ("ratio_min",)
@@ -219,14 +220,16 @@ def token_logprobs(
 
     Returns:
         ``(logprobs, entropy)``: ``[B, W]`` float32 with ``W`` the widest micro-batch, 0 where
-        ``labels`` is -100; ``entropy`` (every position) or None.
+        ``labels`` is -100; ``entropy`` (of the labelled positions, 0 elsewhere) or None.
     """
 
     def collect_step(batch, model):
         hidden = lm_hidden_states(model, batch["input_ids"])
 
         def collect(hidden):
-            out = lm_token_logprobs(model, hidden, batch["labels"], temperature=temperature, return_entropy=entropy)
+            out = lm_token_logprobs(
+                model, hidden, batch["labels"], temperature=temperature, return_entropy=entropy, labelled_only=True
+            )
             return tuple(t.float().cpu() for t in out) if entropy else (out.float().cpu(),)
 
         return hidden, collect

@@ -1,4 +1,4 @@
-"""One optimizer step and forward-only passes, on megatron's forward/backward schedules (any pipeline size).
+"""One optimizer step and evaluation passes, on megatron's forward/backward schedules (any pipeline size).
 
 An algorithm plugs in a ``forward_step``::
 
@@ -25,6 +25,10 @@ tensor is averaged over micro-batches (each micro-batch weighs the same); a
 2-element tensor ``[numerator, denominator]`` is reported as
 ``sum(numerators) / sum(denominators)`` (weigh by tokens, pairs, ...):
 :func:`weighted_metrics` turns batch means into such pairs.
+
+Forward-only passes that collect outputs (reference, old-policy, reward-model
+scores) are :func:`aligner.models.schedule.forward_only`, below the trainer so
+that frozen scorers can run them too.
 """
 
 from __future__ import annotations
@@ -32,21 +36,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from aligner.data.collate import to_device
+from aligner.models.schedule import Batch, run_schedule
 from aligner.trainers.state import TrainState
 
-Batch = dict[str, Any]
 LossFunc = Callable[[Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
 ForwardStep = Callable[[Batch, torch.nn.Module], tuple[Tensor, LossFunc]]
-CollectStep = Callable[[Batch, torch.nn.Module], tuple[Tensor, Callable[[Tensor], Any]]]
 
 # megatron's own clipping adds this to the norm before dividing (clip_grad_by_total_norm_fp32).
 _CLIP_EPS = 1.0e-6
@@ -81,7 +81,7 @@ def train_step(state: TrainState, micro_batches: list[Batch], forward_step: Forw
     state.ddp_model.train()
     state.ddp_model.zero_grad_buffer()
     state.optimizer.zero_grad()
-    records = _run_schedule(state.ddp_model, micro_batches, _recording_step(forward_step), forward_only=False)
+    records = run_schedule(state.ddp_model, micro_batches, _recording_step(forward_step), forward_only=False)
     metrics = reduce_records(records, count_tokens(micro_batches))
     step = state.step + 1
     if not math.isfinite(metrics[LOSS]):
@@ -122,27 +122,6 @@ def _clip_gradients(state: TrainState, grad_norm: float) -> None:
 
 
 @torch.no_grad()
-def forward_only(model: torch.nn.Module, micro_batches: list[Batch], collect_step: CollectStep) -> list[Any] | None:
-    """Run ``model`` without gradient over ``micro_batches`` (any pipeline size); a collective of its stages.
-
-    ``collect_step(batch, model) -> (output, collect)`` is a forward step whose
-    ``collect(output)`` returns anything (the reference's log-probs, values, ...);
-    it runs on the last pipeline stage. ``model`` keeps its train/eval mode.
-
-    Returns:
-        ``[collect(output) per micro-batch]`` on the last pipeline stage, None on the others.
-    """
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        _unwrap(model).config.variable_seq_lengths = True
-
-    def step(batch, model):
-        output, collect = collect_step(batch, model)
-        return output, lambda output, non_loss_data=True: collect(output)
-
-    collected = _run_schedule(model, micro_batches, step, forward_only=True, collect_non_loss_data=True)
-    return list(collected) if parallel_state.is_pipeline_last_stage() else None
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: Iterable[list[Batch]], forward_step: ForwardStep, max_steps: int | None = None
@@ -164,37 +143,12 @@ def evaluate(
     for index, micro_batches in enumerate(batches):
         if max_steps is not None and index >= max_steps:
             break
-        records += _run_schedule(model, micro_batches, _recording_step(forward_step), forward_only=True)
+        records += run_schedule(model, micro_batches, _recording_step(forward_step), forward_only=True)
         tokens += count_tokens(micro_batches)
     model.train()
     if position is not None:
         batches.load_state_dict(position)
     return reduce_records(records, tokens)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def _run_schedule(model, micro_batches: list[Batch], forward_step, forward_only: bool, collect_non_loss_data=False):
-    """megatron's schedule over the micro-batches; what the last stage's loss functions returned."""
-    device = next(model.parameters()).device
-    batches = [to_device(batch, device) for batch in micro_batches]
-
-    def megatron_forward_step(data_iterator, model):
-        return forward_step(next(data_iterator), model)
-
-    first = batches[0]["input_ids"]
-    return get_forward_backward_func()(
-        forward_step_func=megatron_forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=first.shape[1],
-        micro_batch_size=first.shape[0],
-        forward_only=forward_only,
-        collect_non_loss_data=collect_non_loss_data,
-    )
 
 
 def _recording_step(forward_step: ForwardStep) -> ForwardStep:

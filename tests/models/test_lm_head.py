@@ -119,8 +119,19 @@ def _run_step(model, batches, vocab_size, temperature, fused):
                 # Without entropy only the labelled rows go through the head (other chunks, so
                 # not bitwise); the loss takes this path's log-probs, so its gradients are tested.
                 alone = lm_token_logprobs(model, output, labels, temperature=temperature)
-                same_alone = torch.allclose(alone, logprobs, atol=ATOL, rtol=RTOL)
+                # labelled_only: the entropy of the labelled rows alone (the loss takes it there, so its
+                # gradients are tested too), 0 elsewhere; the log-probs as without entropy
+                labelled_lp, labelled_entropy = lm_token_logprobs(
+                    model, output, labels, temperature=temperature, return_entropy=True, labelled_only=True
+                )
+                has_label = labels != -100
+                same_alone = (
+                    torch.allclose(alone, logprobs, atol=ATOL, rtol=RTOL)
+                    and torch.allclose(labelled_lp, alone, atol=ATOL, rtol=RTOL)
+                    and torch.allclose(labelled_entropy, torch.where(has_label, entropy, 0.0), atol=ATOL, rtol=RTOL)
+                )
                 logprobs = alone
+                entropy = torch.where(has_label, labelled_entropy, entropy)
             else:
                 logprobs, _, _ = sequence_logprobs(
                     output,

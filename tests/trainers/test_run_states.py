@@ -58,11 +58,12 @@ def values_step(batch, model):
 def worker(seed: int, checkpoint_dir: str | None, fail_at: int | None):
     from aligner.config import CheckpointConfig, OptimConfig, TrainerConfig
     from aligner.models.gpt import build_model
+    from aligner.models.schedule import forward_only
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
     from aligner.trainers.run import Run
     from aligner.trainers.state import build_train_state
-    from aligner.trainers.step import forward_only, train_step
+    from aligner.trainers.step import train_step
 
     initialize(seed=seed)
     optim = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1)
