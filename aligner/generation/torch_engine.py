@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import Tensor
 
 from aligner.generation.base import Engine, HFWeightBuckets, Rollouts, SamplingParams, StaleWeightsError
@@ -91,6 +91,7 @@ def _check_layout(model: torch.nn.Module) -> None:
     unsupported = {
         "position_embedding_type != 'rope'": model.position_embedding_type != "rope",
         "multi_latent_attention": config.multi_latent_attention,
+        "rotary_interleaved": config.rotary_interleaved,
         "attention_output_gate": config.attention_output_gate,
         "softmax_type != 'vanilla'": config.softmax_type != "vanilla",
         "window_size": config.window_size is not None,
@@ -100,6 +101,20 @@ def _check_layout(model: torch.nn.Module) -> None:
         "mtp_num_layers": bool(config.mtp_num_layers),
     }
     found = [name for name, present in unsupported.items() if present]
+    # The decode step multiplies by the projections' weights itself: megatron's local linear layers
+    # (a Transformer Engine layer may fold the norm into the projection).
+    for index, layer in enumerate(model.decoder.layers):
+        linears = {
+            "linear_qkv": (layer.self_attention.linear_qkv, ColumnParallelLinear),
+            "linear_proj": (layer.self_attention.linear_proj, RowParallelLinear),
+            "linear_fc1": (layer.mlp.linear_fc1, ColumnParallelLinear),
+            "linear_fc2": (layer.mlp.linear_fc2, RowParallelLinear),
+        }
+        found += [
+            f"layer {index}'s {name} of type {type(module).__name__} (megatron's local {kind.__name__} expected)"
+            for name, (module, kind) in linears.items()
+            if type(module) is not kind
+        ]
     if found:
         raise NotImplementedError(f"the torch generation engine does not support {found}")
 

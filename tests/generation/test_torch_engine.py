@@ -324,8 +324,16 @@ def variants_worker(seed: int):
         out = TorchEngine(model, eos_token_id=[], pad_token_id=PAD).generate(PROMPTS, GREEDY)
         with torch.no_grad():
             result[name] = {"out": out, "recompute": _full_forward_logits(model, out)}
+    # what the decode step does not reproduce is refused, not generated wrongly
+    refusals = {}
+    model = build_model(CONFIG)
+    model.config.rotary_interleaved = True
+    refusals["rotary_interleaved"] = _error(lambda: TorchEngine(model, eos_token_id=[], pad_token_id=PAD))
+    model = build_model(CONFIG)
+    model.decoder.layers[1].mlp.linear_fc1 = torch.nn.Linear(CONFIG.hidden_size, 2 * CONFIG.ffn_hidden_size)
+    refusals["linear_fc1"] = _error(lambda: TorchEngine(model, eos_token_id=[], pad_token_id=PAD))
     destroy()
-    return result
+    return result, refusals
 
 
 # ---------------------------------------------------------------- tests
@@ -532,7 +540,12 @@ def test_bad_arguments(tp1, case, match):
 
 @pytest.mark.slow
 def test_other_layouts_match_the_full_forward():
-    (result,) = run_distributed(variants_worker, 1, args=(WEIGHTS_SEED,))
+    ((result, refusals),) = run_distributed(variants_worker, 1, args=(WEIGHTS_SEED,))
+    assert (
+        refusals["rotary_interleaved"].startswith("NotImplementedError")
+        and "rotary_interleaved" in (refusals["rotary_interleaved"])
+    )
+    assert "layer 1's linear_fc1 of type Linear" in refusals["linear_fc1"], refusals
     for name, record in result.items():
         out = record["out"]
         _check_layout(out, PROMPTS, MAX_NEW)
