@@ -1,7 +1,7 @@
 """The megatron generation engine against the torch engine on one tiny model: one spawned world, every case.
 
 Shared by tests/generation/test_megatron_engine.py (CPU, ``allow_cpu=True``) and
-tests/cuda/test_megatron_engine.py (the GPU): :func:`engine_cases_worker` runs in a
+tests/cuda/test_megatron_engine_cuda.py (the GPU): :func:`engine_cases_worker` runs in a
 process of its own (``run_distributed``) and returns raw outputs; the tests compare them.
 
 The weights come from a fixed seed with a sharpened head: greedy comparisons between the

@@ -3,7 +3,7 @@
 megatron-core's static inference path (its inference wrapper, KV-cache context and the
 model's cached attention) runs on the CPU under aligner's megatron CPU shim, so the engine's
 loop is checked here against the torch engine (``allow_cpu=True``; a user on a CPU is sent to
-the torch backend). The same cases run on a GPU in tests/cuda/test_megatron_engine.py.
+the torch backend). The same cases run on a GPU in tests/cuda/test_megatron_engine_cuda.py.
 """
 
 import megatron_engine_cases as cases
