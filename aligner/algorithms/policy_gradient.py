@@ -76,7 +76,7 @@ TIS_CAP = 2.0
 # ---- checks -----------------------------------------------------------------
 
 
-def _check_token_tensors(op: str, mask: Tensor, **tensors: Tensor) -> None:
+def check_token_tensors(op: str, mask: Tensor, **tensors: Tensor) -> None:
     """``mask`` is ``[B, T]`` and every named tensor has its shape."""
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -140,7 +140,7 @@ def aggregation_counts(mask: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: ``mask`` not ``[B, T]``.
     """
-    _check_token_tensors("aggregation_counts", mask)
+    check_token_tensors("aggregation_counts", mask)
     valid = mask != 0
     return valid.sum(), valid.any(dim=-1).sum()
 
@@ -171,7 +171,7 @@ def loss_sum_and_count(
             or tensors that are not ``[B, T]`` of one shape.
     """
     _check_aggregation(mode, max_length)
-    _check_token_tensors("loss_sum_and_count", mask, per_token_loss=per_token_loss)
+    check_token_tensors("loss_sum_and_count", mask, per_token_loss=per_token_loss)
     valid = mask != 0
     kept = torch.where(valid, per_token_loss.to(_compute_dtype(per_token_loss)), 0.0)
     if mode == "token-mean":
@@ -297,7 +297,7 @@ def clipped_policy_loss(
         ValueError: shapes, ``eps_low`` outside ``[0, 1)``, ``eps_high < 0``,
             ``dual_clip <= 1``, unknown ``ratio_level``.
     """
-    _check_token_tensors("clipped_policy_loss", mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    check_token_tensors("clipped_policy_loss", mask, logprobs=logprobs, old_logprobs=old_logprobs)
     if not 0.0 <= eps_low < 1.0:
         raise ValueError(f"eps_low must be in [0, 1) (the ratio's lower clip is 1 - eps_low), got {eps_low}")
     if eps_high < 0.0:
@@ -371,7 +371,7 @@ def kl_loss_term(
     Raises:
         ValueError: unknown estimator, non-positive clamps, or shapes.
     """
-    _check_token_tensors("kl_loss_term", mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    check_token_tensors("kl_loss_term", mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
     for name, bound in (("input_clamp", input_clamp), ("output_clamp", output_clamp)):
@@ -424,7 +424,7 @@ def kl_in_reward(
     Raises:
         ValueError: unknown estimator or reduction, ``kl_coef < 0``, shapes.
     """
-    _check_token_tensors("kl_in_reward", mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    check_token_tensors("kl_in_reward", mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     if rewards.shape != mask.shape[:1]:
         raise ValueError(f"rewards must be [batch] ({mask.shape[0]}), got shape {tuple(rewards.shape)}")
     if estimator not in KL_ESTIMATORS:
@@ -473,7 +473,7 @@ def truncated_importance_weights(
     Raises:
         ValueError: ``cap <= 0`` or shapes.
     """
-    _check_token_tensors(
+    check_token_tensors(
         "truncated_importance_weights", mask, train_logprobs=train_logprobs, generation_logprobs=generation_logprobs
     )
     if not cap > 0:
@@ -508,7 +508,7 @@ def generation_mismatch_metrics(train_logprobs: Tensor, generation_logprobs: Ten
     Raises:
         ValueError: shapes.
     """
-    _check_token_tensors(
+    check_token_tensors(
         "generation_mismatch_metrics", mask, train_logprobs=train_logprobs, generation_logprobs=generation_logprobs
     )
     dtype = _compute_dtype(train_logprobs)
@@ -538,7 +538,7 @@ def mask_unfinished(mask: Tensor, is_end: Tensor) -> Tensor:
     Raises:
         ValueError: shapes.
     """
-    _check_token_tensors("mask_unfinished", mask)
+    check_token_tensors("mask_unfinished", mask)
     if is_end.shape != mask.shape[:1]:
         raise ValueError(f"is_end must be [batch] ({mask.shape[0]}), got shape {tuple(is_end.shape)}")
     return torch.where((is_end != 0).unsqueeze(-1), mask, torch.zeros_like(mask))
@@ -666,7 +666,7 @@ def policy_loss(
         if config.kl_coef > 0:
             per_token = per_token + config.kl_coef * kl
     if entropy is not None:
-        _check_token_tensors("policy_loss", mask, entropy=entropy)
+        check_token_tensors("policy_loss", mask, entropy=entropy)
         valid_entropy = torch.where(mask != 0, entropy.to(per_token.dtype), 0.0)
         metrics["entropy"] = masked_mean(valid_entropy.detach(), mask)
         if config.entropy_coef > 0:
