@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from aligner.algorithms.policy_gradient import PolicyLossConfig, policy_loss
+from aligner.algorithms.policy_gradient import PolicyLossConfig, loss_sum_and_count, policy_loss
+from aligner.algorithms.ppo import value_loss
 from aligner.config import ConfigError
 from aligner.data.prompts import PromptBatch, PromptDataset, PromptLoader, load_prompts, make_prompt_loader
 from aligner.data.splits import tokenizer_for
@@ -232,6 +233,29 @@ def policy_forward_step(policy: PolicyLossConfig, *, temperature: float, max_new
             return loss_sum, count, weighted_metrics(metrics, mask.sum())
 
         return hidden, loss_func
+
+    return forward_step
+
+
+def value_forward_step(*, clip: float | None) -> ForwardStep:
+    """A critic update's ``forward_step``: :func:`~aligner.algorithms.ppo.value_loss`, token-mean over the batch.
+
+    The batch holds the rollout rows with ``old_values`` (the critic's at rollout time) and
+    ``returns`` (GAE's), aligned with ``loss_mask`` (:func:`~aligner.trainers.rollouts.token_values`' layout).
+    """
+
+    def forward_step(batch, model):
+        output = model(batch["input_ids"], None, None)  # [B, S, 1] on the last stage
+
+        def loss_func(values):
+            mask = batch["loss_mask"]
+            per_token, metrics = value_loss(
+                values[..., 0].float(), batch["old_values"], batch["returns"], mask, clip=clip
+            )
+            loss_sum, count = loss_sum_and_count(per_token, mask, "token-mean")
+            return loss_sum, count, weighted_metrics(metrics, mask.sum())
+
+        return output, loss_func
 
     return forward_step
 

@@ -234,6 +234,33 @@ def token_logprobs(
 
         return hidden, collect
 
+    outputs = _forward_rows(model, micro_batches, collect_step, 2 if entropy else 1)
+    return outputs[0], (outputs[1] if entropy else None)
+
+
+@torch.no_grad()
+def token_values(model: torch.nn.Module, micro_batches: list[dict[str, Tensor]]) -> Tensor:
+    """A critic's value at every position over ``micro_batches``, rows joined: ``[B, W]`` float32.
+
+    ``values[b, t]`` is the value of the state after ``input_ids[b, :t + 1]``, the column where the
+    log-prob of token ``t + 1`` sits (the rollout rows' layout); a forward-only pass of the value
+    model (``num_value_outputs=1``; any pipeline size) in eval mode, reaching every pipeline stage.
+    """
+
+    def collect_step(batch, model):
+        output = model(batch["input_ids"], None, None)  # [B, S, 1] on the last stage
+
+        def collect(values):
+            return (values[..., 0].float().cpu(),)
+
+        return output, collect
+
+    return _forward_rows(model, micro_batches, collect_step, 1)[0]
+
+
+def _forward_rows(model: torch.nn.Module, micro_batches: list[dict[str, Tensor]], collect_step, outputs: int):
+    """``outputs`` ``[B, W]`` float32 tensors that ``collect_step`` gives per micro-batch, rows joined, widths fitted
+    to the widest micro-batch, on every pipeline stage; the model runs forward-only in eval mode (its mode restored)."""
     was_training = model.training
     model.eval()
     try:
@@ -242,13 +269,13 @@ def token_logprobs(
         model.train(was_training)
     rows = sum(batch["input_ids"].shape[0] for batch in micro_batches)
     width = max(batch["input_ids"].shape[1] for batch in micro_batches)
-    outputs = []
-    for index in range(2 if entropy else 1):
+    joined_outputs = []
+    for index in range(outputs):
         joined = None
         if collected is not None:
             joined = torch.cat([fit_width(part[index], width) for part in collected])
-        outputs.append(_share_from_last_stage(joined, (rows, width), torch.float32))
-    return outputs[0], (outputs[1] if entropy else None)
+        joined_outputs.append(_share_from_last_stage(joined, (rows, width), torch.float32))
+    return joined_outputs
 
 
 def fit_width(tensor: Tensor, width: int) -> Tensor:
