@@ -21,12 +21,16 @@ How a batch is generated:
    reaches ``max_new_tokens`` leaves the batch and the cache at once, so the
    following forwards cost what the live rows cost.
 
-The forward is the model's own modules called in order (embedding, per layer
-the input norm, the query/key/value projection with any query/key norm,
-megatron's RoPE, the output projection, the MLP and its norm, then the final
-norm and the output layer); only the attention over the cache is this
-module's (``scaled_dot_product_attention`` over the cached keys and values).
-Tests hold it to the full forward of the model without a cache.
+The forward runs megatron's layer in eval mode, in its order and dtypes, on
+the model's own parameters: the embedding and the norms are the model's
+modules; the projections are plain products with the layers' weights (on CPU
+``(W @ x.T).T``, the shape MKL runs fastest for a decode step's few rows) with
+megatron's tensor-parallel reductions and bias handling; RoPE is megatron's
+formula with the angles' cosine and sine computed once per generation; the
+attention is ``scaled_dot_product_attention`` over the cached keys and values.
+What this loop does not reproduce (interleaved RoPE, a projection other than
+megatron's local linear layers, ...) is refused at construction. Tests hold it
+to the full forward of the model without a cache.
 
 Tensor parallelism: every rank of the tensor-parallel group runs the same
 forward on the same prompts (the projections exchange what megatron's

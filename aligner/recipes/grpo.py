@@ -16,7 +16,9 @@ A step (one rollout batch):
    unfinished responses leave the loss (they stay in their group's baseline).
 4. Old-policy log-probs (and the entropy) recomputed by the trainer, reference
    log-probs when the KL term is on (``kl_coef > 0``; 0 loads no reference):
-   forward-only passes through the fused LM head.
+   forward-only passes through the fused LM head. With one update per rollout
+   batch the update's own forward gives the old log-probs and no separate pass
+   runs (``grpo.recompute_old_logprobs: true`` forces it).
 5. ``grpo.epochs`` passes over the batch in mini-batches of
    ``trainer.global_batch_size`` rollouts, one optimizer step each, on the
    clipped policy loss (:func:`aligner.algorithms.policy_gradient.policy_loss`).

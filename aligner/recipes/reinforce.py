@@ -8,7 +8,9 @@ A step (one rollout batch):
    drawn ``reinforce.samples_per_prompt`` times by the engine with the current
    weights (``generation.*``), scored by ``reward.terms``.
 2. Log-probs of the rollout policy (and its entropy) recomputed by the trainer,
-   and of the reference (the initial policy) when the KL penalty is on.
+   and of the reference (the initial policy) when the KL penalty is on (without
+   it and with one update per rollout batch, the update's own forward gives the
+   rollout policy's log-probs instead; ``reinforce.recompute_old_logprobs``).
 3. The KL penalty goes into the reward: ``r' = r - kl_coef * reduce_t(kl_t)``
    (``kl_estimator`` k1 or abs; ``kl_reduction`` mean as NeMo-Aligner, sum as
    TRL's RLOO); the baseline of a sample is the mean ``r'`` of the other
