@@ -294,6 +294,8 @@ class OnlineRun:
         epochs: passes over each rollout batch.
         recompute_old_logprobs: always run the forward-only pass of the rollout policy's log-probs
             (see :meth:`needs_old_logprobs`).
+        extra_states: more train states of the run (e.g. PPO's ``critic``), saved and resumed with the policy.
+        stateful: objects with ``state_dict`` / ``load_state_dict`` checkpointed with the run (e.g. a KL controller).
 
     Attributes:
         state, run, engine, sampling_rng: the train state (``policy``), the resumed run, the engine at
@@ -313,6 +315,8 @@ class OnlineRun:
         rollouts_per_step: int,
         epochs: int,
         recompute_old_logprobs: bool = False,
+        extra_states: dict[str, TrainState] | None = None,
+        stateful: dict[str, Any] | None = None,
     ) -> None:
         dp_size = parallel_state.get_data_parallel_world_size()
         self.config = config
@@ -324,9 +328,11 @@ class OnlineRun:
         self.state = build_train_state(
             model, config.optim, total_steps=steps * updates_per_step, bf16=config.trainer.bf16
         )
-        self.run = Run(config, {"policy": self.state}, total_steps=steps, data=loader)
+        self.run = Run(config, {"policy": self.state, **(extra_states or {})}, total_steps=steps, data=loader)
         self.sampling_rng = SamplingGenerator(config.trainer.seed, next(model.parameters()).device)
         self.run.register("sampling_rng", self.sampling_rng)
+        for name, obj in (stateful or {}).items():
+            self.run.register(name, obj)
         self.run.resume()
         self.engine = build_engine(model, tokenizer, config.generation)
         self.engine.refit(model, version=self.state.step)
