@@ -177,17 +177,9 @@ class StepClock:
         return self.ends[0] - in_step[0], [in_step[0], *steps]
 
 
-def run_trl(args, inputs: dict[str, str]) -> dict:
-    import torch
-
-    torch.set_num_threads(THREADS)
-    import datasets
-    import trl
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    after_imports = rss_kib()
-    clock = StepClock(args.warmup, args.profile)
+def in_step_callback():
+    """A TRL ``TrainerCallback`` that records the wall time of every step's begin and end (``begins``, ``ends``)."""
+    from transformers import TrainerCallback
 
     class InStep(TrainerCallback):
         def __init__(self) -> None:
@@ -198,6 +190,21 @@ def run_trl(args, inputs: dict[str, str]) -> dict:
 
         def on_step_end(self, *_, **__):
             self.ends.append(time.perf_counter())
+
+    return InStep()
+
+
+def run_trl(args, inputs: dict[str, str]) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import datasets
+    import trl
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    after_imports = rss_kib()
+    clock = StepClock(args.warmup, args.profile)
 
     steps = args.warmup + args.steps
     config = DPOConfig(
@@ -219,7 +226,7 @@ def run_trl(args, inputs: dict[str, str]) -> dict:
         seed=SEED,
     )
     rows = [json.loads(line) for line in Path(inputs["data"]).read_text().splitlines()]
-    in_step = InStep()
+    in_step = in_step_callback()
     start = time.perf_counter()
     trainer = DPOTrainer(
         model=inputs["model"],  # a path: TRL loads the policy, and the reference model as a second copy
@@ -319,9 +326,10 @@ def worker_env() -> dict[str, str]:
     }
 
 
-def run_worker(args, inputs: dict[str, str], *extra: str) -> dict:
+def run_worker(args, inputs: dict[str, str], *extra: str, script: str = __file__) -> dict:
+    """Run ``script`` (this file, or another peers bench) as a worker subprocess; its ``RESULT`` line, parsed."""
     env = worker_env()
-    command = [sys.executable, __file__, "--inputs", json.dumps(inputs), "--workdir", args.workdir]
+    command = [sys.executable, script, "--inputs", json.dumps(inputs), "--workdir", args.workdir]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
     command += ["--profile"] * args.profile
     print("running", " ".join(extra), file=sys.stderr, flush=True)

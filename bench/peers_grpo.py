@@ -57,7 +57,6 @@ import json
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,10 +68,11 @@ from peers_dpo import (
     THREADS,
     StepClock,
     digest,
+    in_step_callback,
     median_iqr,
     random_words,
     rss_kib,
-    worker_env,
+    run_worker,
     write_model,
     write_tokenizer,
 )
@@ -132,21 +132,11 @@ def run_trl(args, inputs: dict[str, str]) -> dict:
     torch.set_num_threads(THREADS)
     import datasets
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     after_imports = rss_kib()
     clock = StepClock(args.warmup, args.profile)
-
-    class InStep(TrainerCallback):
-        def __init__(self) -> None:
-            self.begins, self.ends = [], []
-
-        def on_step_begin(self, *_, **__):
-            self.begins.append(time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            self.ends.append(time.perf_counter())
 
     steps = args.warmup + args.steps
     config = GRPOConfig(
@@ -175,7 +165,7 @@ def run_trl(args, inputs: dict[str, str]) -> dict:
         dataloader_num_workers=0,
         seed=SEED,
     )
-    in_step = InStep()
+    in_step = in_step_callback()
     start = time.perf_counter()
     trainer = GRPOTrainer(
         model=inputs["model"],
@@ -286,19 +276,6 @@ def run_aligner(args, inputs: dict[str, str]) -> dict:
 
 
 # ---------------------------------------------------------------- parent: run, compare, report
-
-
-def run_worker(args, inputs: dict[str, str], *extra: str) -> dict:
-    command = [sys.executable, __file__, "--inputs", json.dumps(inputs), "--workdir", args.workdir]
-    command += ["--warmup", str(args.warmup), "--steps", str(args.steps), *extra]
-    command += ["--profile"] * args.profile
-    print("running", " ".join(extra), file=sys.stderr, flush=True)
-    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.stderr.write(done.stdout[-5000:] + done.stderr[-5000:])
-        raise RuntimeError(f"worker {' '.join(extra)} failed (exit {done.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def combine_rounds(runs: list[dict], warmup: int) -> dict:
@@ -484,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = build_inputs(Path(folder))
         for _ in range(args.rounds):
             for run in schedule:
-                results[run].append(run_worker(args, inputs, *run))
+                results[run].append(run_worker(args, inputs, *run, script=__file__))
     busy_after = harness.busy_cpu_seconds()
 
     for runs in results.values():

@@ -174,16 +174,13 @@ def rollout_logprobs(
     update's forward then reports ``policy_entropy``) and nothing is returned.
     """
     width = batch["input_ids"].shape[1]
-    if not old:
-        if reference is not None:
-            ref, _ = token_logprobs(reference, micro_batches, temperature=temperature)
-            batch["ref_logprobs"] = fit_width(ref, width)
-        return {}
-    old, entropy = token_logprobs(state.ddp_model, micro_batches, temperature=temperature, entropy=True)
-    batch["old_logprobs"] = fit_width(old, width)
     if reference is not None:
         ref, _ = token_logprobs(reference, micro_batches, temperature=temperature)
         batch["ref_logprobs"] = fit_width(ref, width)
+    if not old:
+        return {}
+    old_logprobs, entropy = token_logprobs(state.ddp_model, micro_batches, temperature=temperature, entropy=True)
+    batch["old_logprobs"] = fit_width(old_logprobs, width)
     mask = batch["loss_mask"]
     mean_entropy = (fit_width(entropy, width) * mask).sum().item() / max(mask.sum().item(), 1.0)
     return average_over_data_parallel({"policy_entropy": mean_entropy})
