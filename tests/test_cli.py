@@ -125,7 +125,13 @@ def test_wandb_mode_from_the_environment_wins_over_the_default(monkeypatch):
 
 
 # The sections every online recipe adds besides its own: the rollout engine and the rewards.
-ONLINE_SECTIONS = {"grpo": {"generation", "reward"}, "reinforce": {"generation", "reward"}}
+ONLINE_SECTIONS = {
+    "grpo": {"generation", "reward"},
+    "reinforce": {"generation", "reward"},
+    "ppo": {"generation", "reward"},
+    "rs": {"generation", "reward"},
+    "spin": {"generation"},
+}
 
 
 def test_every_recipe_config_is_the_base_plus_its_own_section():

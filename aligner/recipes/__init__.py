@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-RECIPE_NAMES = ("sft", "rm", "dpo", "kto", "steerlm", "grpo", "reinforce")
+RECIPE_NAMES = ("sft", "rm", "dpo", "kto", "steerlm", "grpo", "reinforce", "ppo", "spin", "rs")
 
 
 def get_recipe(name: str):

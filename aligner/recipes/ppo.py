@@ -2,8 +2,12 @@
 
     torchrun --nproc_per_node=2 -m aligner.recipes.ppo --config configs/ppo_tiny.yaml
 
-DRAFT (issue 11, branch ``issue-11-ppo``): the step below runs end to end; the
-learning, resume and layout tests, the configs and the offloading are still to come.
+The actor and the critic are two train states (own optimizers and schedules) of one
+run, checkpointed and resumed together with the KL controller, the prompt position
+and the sampling stream. On a GPU, ``ppo.offload_frozen`` keeps the reference and the
+reward models in CPU memory outside their passes and ``ppo.offload_optimizer`` moves
+both optimizers' states and gradient buffers out while the engine generates
+(:mod:`aligner.trainers.offload`).
 
 A step (one rollout batch):
 
@@ -43,7 +47,8 @@ from aligner.ops.rl import GAE_MASK_MODES
 from aligner.parallel import initialize
 from aligner.rewards.combine import build_rewards
 from aligner.rewards.config import RewardConfig
-from aligner.rewards.model import load_reward_model
+from aligner.rewards.model import RewardModelScorer, load_reward_model
+from aligner.trainers.offload import gpu_resident, offload_frozen, optimizer_off_gpu
 from aligner.trainers.online import (
     OnlineRun,
     average_over_data_parallel,
@@ -95,8 +100,13 @@ class PPOConfig:
         dual_clip: c > 1 bounds the loss of negative advantages; null: off.
         value_clip: the critic's values move at most this far from their rollout-time values; null: no clip.
         entropy_coef: weight of an entropy bonus in the actor loss.
-        mask_unfinished: responses that never ended get no actor gradient.
+        mask_unfinished: responses that never ended get no actor gradient (the critic still learns their values).
         aggregation: the actor loss's aggregation (token-mean, ...).
+        offload_frozen: on a GPU, keep the reference and the reward models in CPU memory except during their
+            passes (saves 2 bytes per bf16 parameter of each on every GPU; costs a host-device copy per pass).
+        offload_optimizer: on a GPU, move the actor's and the critic's optimizer states and gradient buffers to
+            CPU memory while the engine generates (saves ~16 bytes per trained parameter with bf16 training, less
+            with the distributed optimizer's sharding, for the KV cache).
     """
 
     prompts_per_step: int = 8
@@ -121,6 +131,8 @@ class PPOConfig:
     entropy_coef: float = 0.0
     mask_unfinished: bool = False
     aggregation: str = "token-mean"
+    offload_frozen: bool = False
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "epochs"):
@@ -202,6 +214,11 @@ def build_critic(config: PPORunConfig):
     return critic.requires_grad_(True).train()
 
 
+def reward_models(rewards) -> list:
+    """The frozen models among the reward terms (what ``ppo.offload_frozen`` moves)."""
+    return [term.reward.model for term in rewards.terms if isinstance(term.reward, RewardModelScorer)]
+
+
 def run(config: PPORunConfig) -> Run:
     """Train; returns the finished :class:`~aligner.trainers.run.Run` (``states["policy"]``, ``states["critic"]``)."""
     ppo, generation = config.ppo, config.generation
@@ -226,6 +243,10 @@ def run(config: PPORunConfig) -> Run:
         bf16=config.trainer.bf16,
     )
     controller = ppo.controller()
+    references = [reference] if reference is not None else []
+    frozen = [*references, *reward_models(rewards)]
+    if ppo.offload_frozen:
+        offload_frozen(frozen)
     # losses
     actor_step = policy_forward_step(
         ppo.policy_loss_config(), temperature=generation.temperature, max_new_tokens=generation.max_new_tokens
@@ -252,14 +273,16 @@ def run(config: PPORunConfig) -> Run:
         while not online.run.done:
             timer = PhaseTimer()
             prompts = next(stream)
-            with timer("generate"):
+            with timer("generate"), optimizer_off_gpu([online.state, critic], enabled=ppo.offload_optimizer) as moved:
                 rollouts = online.generate(prompts, sampling)
-            with timer("score"):
+            with timer("score"), gpu_resident(reward_models(rewards), enabled=ppo.offload_frozen):
                 scores = score_rollouts(rewards, tokenizer, prompts, rollouts)
             metrics = {**scores.metrics, **average_over_data_parallel(rollout_metrics(rollouts))}
+            if ppo.offload_optimizer:
+                metrics["offloaded_optimizer_gib"] = moved / 2**30
             batch = training_rows(rollouts, pad_token_id=online.engine.pad_token_id, pad_to_multiple_of=pad)
             micro_batches = split_rows(batch, config.trainer.micro_batch_size, pad_to_multiple_of=pad)
-            with timer("logprobs"):
+            with timer("logprobs"), gpu_resident(references, enabled=ppo.offload_frozen):
                 # the KL in the rewards needs the rollout policy's log-probs before any update
                 metrics.update(online.logprobs(reference, batch, micro_batches, old_needed=True))
                 values = token_values(critic.ddp_model, micro_batches)
@@ -275,8 +298,9 @@ def run(config: PPORunConfig) -> Run:
             if ppo.whiten_advantages:
                 advantages = whiten_over_group(advantages, mask, group=dp_group)
             batch["advantages"], batch["returns"] = advantages, returns
+            actor_batch = batch  # the critic learns the value of every response; the actor maybe not of unfinished
             if ppo.mask_unfinished:
-                batch["loss_mask"] = mask_unfinished(batch["loss_mask"], batch["is_end"])
+                actor_batch = {**batch, "loss_mask": mask_unfinished(mask, batch["is_end"])}
             local = {name: value.item() for name, value in reward_metrics.items()}
             metrics.update(average_over_data_parallel({**local, "kl_coef": controller.value}))
             with timer("train"):
@@ -291,7 +315,7 @@ def run(config: PPORunConfig) -> Run:
                 )
                 metrics.update({f"critic_{name}": value for name, value in critic_metrics.items()})
                 if online.run.step >= ppo.critic_warmup_steps:
-                    metrics.update(online.update(batch, actor_step))
+                    metrics.update(online.update(actor_batch, actor_step))
             controller.update(metrics["kl_sum"], n_steps=rollouts_per_step)
             online.end_step(metrics, timer)
         online.run.finish()

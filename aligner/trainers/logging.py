@@ -65,7 +65,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None and prefix == "train":
-            shown = {"loss": f"{metrics['loss']:.4g}"}
+            shown = {"loss": f"{metrics['loss']:.4g}"} if "loss" in metrics else {}
             if "tokens_per_s" in metrics:
                 shown["tok/s"] = f"{metrics['tokens_per_s']:.3g}"
             self._bar.set_postfix(shown, refresh=False)

@@ -374,8 +374,9 @@ class Run:
         """The run's outcome in one line: steps, first/last training loss, last validation, checkpoint."""
         summary = self.summary
         parts = [f"{name}: {summary.step} steps"]
-        if summary.history:
-            parts.append(f"train loss {summary.history[0]['loss']:.4g} -> {summary.history[-1]['loss']:.4g}")
+        losses = [step["loss"] for step in summary.history if "loss" in step]  # PPO's critic warm-up has none
+        if losses:
+            parts.append(f"train loss {losses[0]:.4g} -> {losses[-1]:.4g}")
         if summary.val_history:
             shown = {k: v for k, v in summary.val_history[-1].items() if k not in ("step", "count", "tokens")}
             parts.append("val " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))

@@ -65,6 +65,21 @@ def test_token_rewards_feed_gae_hand_worked():
     assert_close(returns, torch.tensor([[0.96575, 0.985, 1.0]], dtype=torch.float64), atol=SIX_DECIMALS, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["zero", "carry_forward"])
+def test_nemo_aligners_worked_gae_example(mode):
+    """NeMo-Aligner's own small GAE case (tests/test_ppo_utils.py): values [0, 1, 2, 3], rewards [0, 0, 1, 0],
+    gamma 0.5, lam 0 (one-step TD), every token valid, V after the last token 0.
+
+    A_t = r_t + 0.5 * V_{t+1} - V_t: [0 + 0.5 - 0, 0 + 1 - 1, 1 + 1.5 - 2, 0 + 0 - 3] = [0.5, 0, 0.5, -3];
+    returns = A + V = [0.5, 1, 2.5, 0]. Without holes in the mask both mask modes agree.
+    """
+    values = torch.arange(4, dtype=torch.float64).view(1, 4)
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    advantages, returns = gae(rewards, values, torch.ones(1, 4), gamma=0.5, lam=0.0, mask_mode=mode)
+    assert_close(advantages, torch.tensor([[0.5, 0.0, 0.5, -3.0]], dtype=torch.float64), atol=0, rtol=0)
+    assert_close(returns, torch.tensor([[0.5, 1.0, 2.5, 0.0]], dtype=torch.float64), atol=0, rtol=0)
+
+
 def test_token_rewards_errors():
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="estimator"):

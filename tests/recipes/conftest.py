@@ -1,8 +1,21 @@
-"""The demo data and tokenizer (prepare_demo), written once per test module for the recipe runs."""
+"""The demo data and tokenizer (prepare_demo) for the recipe runs, and the starts the online recipes share.
+
+``demo``: written once per test module. ``rl_demo``: written once per session, with
+``sft_start`` (the demo's SFT model, exported to Hugging Face format) and ``demo_rm``
+(the demo's pairwise reward model) trained in it once and shared by the online
+recipes' modules (GRPO, REINFORCE, PPO, SPIN, rejection sampling).
+"""
 
 from pathlib import Path
 
 import pytest
+from distributed import run_distributed
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# The start of every online run: the demo's SFT model, trained long enough that it answers
+# about a third of the held-out problems (greedy) and ends its responses.
+SFT_STEPS = 250
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +25,52 @@ def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     prepare_demo(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def rl_demo(tmp_path_factory) -> Path:
+    """The demo data and tokenizer the online recipes' starts are trained on (one per session)."""
+    from aligner.recipes.prepare_demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("rl_demo")
+    prepare_demo(out)
+    return out
+
+
+def stage_worker(recipe: str, config_file: str, overrides: list[str]) -> None:
+    from aligner.config import load_config
+    from aligner.recipes import get_recipe
+
+    entry = get_recipe(recipe)
+    entry.run(load_config(entry.config_class, CONFIGS / config_file, overrides))
+
+
+def stage_overrides(demo: Path, kind: str, run: str) -> list[str]:
+    return [
+        f"data.train={demo / 'data' / kind / 'train.jsonl'}",
+        f"data.val={demo / 'data' / kind / 'val.jsonl'}",
+        f"data.tokenizer={demo / 'tokenizer'}",
+        f"checkpoint.dir={demo / 'runs' / run}",
+        "logging.tensorboard_dir=null",
+        "logging.progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def sft_start(rl_demo) -> Path:
+    """The SFT model the online runs start from, exported to Hugging Face format (``<rl_demo>/runs/sft/hf``)."""
+    overrides = [
+        *stage_overrides(rl_demo, "sft", "sft"),
+        f"trainer.max_steps={SFT_STEPS}",
+        "trainer.max_epochs=100",
+        "trainer.val_every=0",
+    ]
+    run_distributed(stage_worker, 1, args=("sft", "sft_tiny.yaml", overrides))
+    return rl_demo / "runs" / "sft" / "hf"
+
+
+@pytest.fixture(scope="session")
+def demo_rm(rl_demo) -> Path:
+    """The demo's pairwise reward model (configs/rm_tiny.yaml, ~0.9 held-out accuracy): its checkpoint root."""
+    run_distributed(stage_worker, 1, args=("rm", "rm_tiny.yaml", stage_overrides(rl_demo, "preference", "rm")))
+    return rl_demo / "runs" / "rm"

@@ -58,39 +58,6 @@ def data_overrides(demo: Path, run_dir: Path, *, val: bool = False) -> list[str]
     ]
 
 
-# The start of every run: the demo's SFT model (exported), trained long enough that it answers
-# about a third of the held-out problems (greedy) and ends its responses.
-SFT_STEPS = 250
-
-
-def sft_worker(demo: Path) -> Path:
-    from aligner.config import load_config
-    from aligner.recipes import get_recipe
-
-    entry = get_recipe("sft")
-    run_dir = demo / "runs" / "sft"
-    overrides = [
-        f"data.train={demo / 'data' / 'sft' / 'train.jsonl'}",
-        f"data.val={demo / 'data' / 'sft' / 'val.jsonl'}",
-        f"data.tokenizer={demo / 'tokenizer'}",
-        f"checkpoint.dir={run_dir}",
-        f"trainer.max_steps={SFT_STEPS}",
-        "trainer.max_epochs=100",
-        "trainer.val_every=0",
-        "logging.tensorboard_dir=null",
-        "logging.progress_bar=false",
-    ]
-    entry.run(load_config(entry.config_class, CONFIGS / "sft_tiny.yaml", overrides))
-    return run_dir / "hf"
-
-
-@pytest.fixture(scope="module")
-def sft_start(demo) -> Path:
-    """The SFT model the online runs start from, exported to Hugging Face format (``<demo>/runs/sft/hf``)."""
-    (hf_dir,) = run_distributed(sft_worker, 1, args=(demo,))
-    return hf_dir
-
-
 # Small steps: 4 prompts x 4 samples, two optimizer steps of 8 rollouts each.
 SMALL = {
     "grpo": ["grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.kl_coef=0.05"],
