@@ -77,6 +77,10 @@ def _uses_distributed_optimizer(optimizer: MegatronOptimizer) -> bool:
     return bool(optimizer.config.use_distributed_optimizer)
 
 
+# The key of the per-rank state (e.g. an engine's sampling stream) inside each rank's RNG object.
+RANK_STATE = "rank_state"
+
+
 def _rng_object(state: Any) -> ShardedObject:
     """This rank's RNG state as one entry of a ``[world_size]`` array of objects (every rank writes its own)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,7 +112,13 @@ def _allocate_distributed_optimizer_state(optimizer: MegatronOptimizer) -> None:
 
 
 def _sharded_state(
-    states: Mapping[str, Any], run_state: Any, *, with_optimizer: bool, with_rng: bool, is_loading: bool
+    states: Mapping[str, Any],
+    run_state: Any,
+    *,
+    with_optimizer: bool,
+    with_rng: bool,
+    is_loading: bool,
+    rank_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     sharded: dict[str, Any] = {}
     for name, state in states.items():
@@ -124,7 +134,7 @@ def _sharded_state(
     if run_state is not None:
         sharded["run"] = run_state
     if with_rng:
-        sharded["rng"] = _rng_object(None if is_loading else get_rng_state())
+        sharded["rng"] = _rng_object(None if is_loading else {**get_rng_state(), RANK_STATE: rank_state or {}})
     return sharded
 
 
@@ -136,6 +146,7 @@ def save_checkpoint(
     *,
     keep_last: int,
     run_config: Any = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the run's state after ``step`` steps as ``<root>/step_<step>``; a collective.
 
@@ -149,6 +160,9 @@ def save_checkpoint(
             e.g. ``{"step": 12, "data": sampler.state_dict()}``; returned by :func:`load_checkpoint`.
         keep_last: checkpoints to keep (older ones are deleted after the commit).
         run_config: the run's configuration (a dataclass), written as ``config.yaml``.
+        rank_state: this rank's own state (it differs between ranks, e.g. a data-parallel
+            replica's random stream), written beside its RNG states; returned by
+            :func:`load_checkpoint` as ``run_state["rank_state"]`` at the same layout.
 
     Returns:
         The committed checkpoint directory (same path on every rank).
@@ -163,7 +177,9 @@ def save_checkpoint(
     dist.broadcast_object_list(names, src=0)
     tmp_dir = Path(names[0])
 
-    sharded = _sharded_state(states, run_state, with_optimizer=True, with_rng=True, is_loading=False)
+    sharded = _sharded_state(
+        states, run_state, with_optimizer=True, with_rng=True, is_loading=False, rank_state=rank_state
+    )
     try:
         dist_checkpointing.save(sharded, str(tmp_dir))  # a collective; returns when every rank's shards are written
     except OSError as error:
@@ -216,7 +232,8 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Any]) -> dict[str, An
     this run has the layout that wrote the checkpoint, every rank's RNG states.
 
     Returns:
-        The ``run_state`` that was saved.
+        The ``run_state`` that was saved, with this rank's ``rank_state`` under ``"rank_state"``
+        (``{}`` when the layout differs: ranks do not map to ranks then).
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint.
@@ -245,9 +262,12 @@ def load_checkpoint(path: str | Path, states: Mapping[str, Any]) -> dict[str, An
         state.model.load_state_dict(_without_prefix(loaded[name]["model"], name))
         _load_optimizer(state.optimizer, loaded[name]["optimizer"])
         state.scheduler.load_state_dict(loaded[name]["scheduler"])
+    run_state = dict(loaded["run"])
+    run_state[RANK_STATE] = {}
     if same_layout:
         set_rng_state(loaded["rng"])
-    return loaded["run"]
+        run_state[RANK_STATE] = loaded["rng"].get(RANK_STATE, {})
+    return run_state
 
 
 def _without_prefix(model_state: dict[str, Any], name: str) -> dict[str, Any]:

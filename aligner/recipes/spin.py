@@ -417,7 +417,7 @@ def run(config: SPINRunConfig) -> Run:
     state = build_train_state(model, config.optim, total_steps=total_steps, bf16=trainer.bf16)
     run = Run(config, {"policy": state}, total_steps=total_steps, data=train_data)
     sampling_rng = SamplingGenerator(trainer.seed, next(model.parameters()).device)
-    run.register("sampling_rng", sampling_rng)
+    run.register("sampling_rng", sampling_rng, per_rank=True)  # each data-parallel replica's own
     run.register("iteration", iteration)
     run.resume()
     engine = build_engine(model, tokenizer, config.generation)

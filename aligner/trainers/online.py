@@ -327,7 +327,7 @@ class OnlineRun:
         )
         self.run = Run(config, {"policy": self.state, **(extra_states or {})}, total_steps=steps, data=loader)
         self.sampling_rng = SamplingGenerator(config.trainer.seed, next(model.parameters()).device)
-        self.run.register("sampling_rng", self.sampling_rng)
+        self.run.register("sampling_rng", self.sampling_rng, per_rank=True)  # each data-parallel replica's own
         for name, obj in (stateful or {}).items():
             self.run.register(name, obj)
         self.run.resume()

@@ -120,6 +120,7 @@ class Run:
         self.step = 0
         self.summary = TrainSummary()
         self._registered: dict[str, Any] = {}
+        self._per_rank: dict[str, Any] = {}
         self._saved_step: int | None = None
         self._logger: MetricsLogger | None = None
         if config.checkpoint.export_hf_at_end and not any(state.is_language_model for state in states.values()):
@@ -170,18 +171,23 @@ class Run:
         if verdict[0] is not None:
             raise ConfigError(verdict[0])
 
-    def register(self, name: str, stateful: Any) -> None:
+    def register(self, name: str, stateful: Any, *, per_rank: bool = False) -> None:
         """Save ``stateful.state_dict()`` with every checkpoint and restore it on resume.
+
+        A state that is the same on every rank is written once (rank 0's); one that differs
+        between ranks (``per_rank``, e.g. a data-parallel replica's random stream) is written by
+        every rank beside its RNG states and, like them, restored only at the layout that wrote
+        it (at another layout it keeps its fresh state, as the RNG streams do).
 
         Raises:
             ConfigError: checkpointing is on and ``stateful`` has no state.
             ValueError: ``name`` is taken.
         """
-        if name in self._registered:
+        if name in self._registered or name in self._per_rank:
             raise ValueError(f"{name!r} is registered already")
         if self.checkpointing and not (hasattr(stateful, "state_dict") and hasattr(stateful, "load_state_dict")):
             raise ConfigError(f"checkpointing needs {name} with state_dict() and load_state_dict() to resume it")
-        self._registered[name] = stateful
+        (self._per_rank if per_rank else self._registered)[name] = stateful
 
     # ------------------------------------------------------------------------------------- resume
 
@@ -223,6 +229,10 @@ class Run:
             state.step = run_state["state_steps"][name]
         for name, stateful in self._registered.items():
             stateful.load_state_dict(run_state["registered"][name])
+        rank_state = run_state["rank_state"]
+        for name, stateful in self._per_rank.items():
+            if name in rank_state:
+                stateful.load_state_dict(rank_state[name])
         self._saved_step = self.step if Path(chosen).parent == Path(section.dir) else None
         self.summary.step, self.summary.checkpoint = self.step, Path(chosen)
         if dist.get_rank() == 0:
@@ -347,6 +357,7 @@ class Run:
                 run_state,
                 keep_last=self.config.checkpoint.keep_last,
                 run_config=self.config,
+                rank_state={name: stateful.state_dict() for name, stateful in self._per_rank.items()},
             )
             self._saved_step = self.step
         return self.summary.checkpoint

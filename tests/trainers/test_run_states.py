@@ -61,6 +61,7 @@ def worker(seed: int, checkpoint_dir: str | None, fail_at: int | None):
     from aligner.models.schedule import forward_only
     from aligner.models.sharding import gather_full_state_dict
     from aligner.parallel import initialize
+    from aligner.trainers.rollouts import SamplingGenerator
     from aligner.trainers.run import Run
     from aligner.trainers.state import build_train_state
     from aligner.trainers.step import train_step
@@ -74,15 +75,19 @@ def worker(seed: int, checkpoint_dir: str | None, fail_at: int | None):
         optim=optim,
         checkpoint=CheckpointConfig(dir=checkpoint_dir, save_every=1),
     )
-    data = TokenSteps(STEPS, GLOBAL_BATCH, MICRO_BATCH, seed=seed, fail_at=fail_at)
+    rows_per_rank = GLOBAL_BATCH // torch.distributed.get_world_size()  # (data-parallel replicas see alike rows)
+    data = TokenSteps(STEPS, rows_per_rank, MICRO_BATCH, seed=seed, fail_at=fail_at)
     controller = Controller()
     run = Run(config, {"actor": actor, "critic": critic}, total_steps=STEPS, data=data)
     run.register("controller", controller)
+    stream = SamplingGenerator(seed)  # differs per data-parallel rank, as an engine's sampling stream
+    run.register("stream", stream, per_rank=True)
     start = run.step
     resumed_from = run.resume()
-    value_sums = []
+    value_sums, draws = [], []
     with contextlib.suppress(Interrupted), run:
         for micro_batches in run.steps(data):
+            draws.append(torch.rand(1, generator=stream.generator).item())
             actor_metrics = train_step(actor, micro_batches, lm_forward_step)
             values = forward_only(critic.ddp_model, micro_batches, values_step)
             value_sums.append(float(sum(v.sum() for v in values)))
@@ -96,6 +101,7 @@ def worker(seed: int, checkpoint_dir: str | None, fail_at: int | None):
         "resumed_from": None if resumed_from is None else resumed_from.name,
         "history": run.summary.history,
         "value_sums": value_sums,
+        "draws": draws,
         "controller": controller.state_dict(),
         "state_steps": (actor.step, critic.step),
         "actor": gather_full_state_dict(actor.model),
@@ -120,5 +126,19 @@ def test_two_models_and_a_controller_resume_bitwise(tmp_path, fresh_seed):
     for model in ("actor", "critic"):
         for name, want in straight[model].items():
             assert torch.equal(second[model][name], want), (model, name)
+    assert first["draws"] + second["draws"] == straight["draws"]
     meta = (tmp_path / "ckpt" / "step_000005" / "meta.json").read_text()
     assert '"actor"' in meta and '"critic"' in meta
+
+
+@pytest.mark.slow
+def test_each_data_parallel_rank_resumes_its_own_stream(tmp_path, fresh_seed):
+    """A per-rank registered state (each replica's sampling stream) comes back to the rank that saved it."""
+    straight = run_distributed(worker, 2, args=(fresh_seed, None, None))
+    root = str(tmp_path / "ckpt")
+    first = run_distributed(worker, 2, args=(fresh_seed, root, 2))
+    second = run_distributed(worker, 2, args=(fresh_seed, root, None))
+    for rank in range(2):
+        assert second[rank]["resumed_from"] == "step_000002"
+        assert first[rank]["draws"] + second[rank]["draws"] == straight[rank]["draws"], rank
+    assert straight[0]["draws"] != straight[1]["draws"]  # the replicas draw differently: the test is not vacuous
