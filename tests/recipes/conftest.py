@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 from distributed import run_distributed
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from online_starts import stage_overrides, stage_worker
 
 # The start of every online run: the demo's SFT model, trained long enough that it answers
 # about a third of the held-out problems (greedy) and ends its responses.
@@ -35,25 +34,6 @@ def rl_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rl_demo")
     prepare_demo(out)
     return out
-
-
-def stage_worker(recipe: str, config_file: str, overrides: list[str]) -> None:
-    from aligner.config import load_config
-    from aligner.recipes import get_recipe
-
-    entry = get_recipe(recipe)
-    entry.run(load_config(entry.config_class, CONFIGS / config_file, overrides))
-
-
-def stage_overrides(demo: Path, kind: str, run: str) -> list[str]:
-    return [
-        f"data.train={demo / 'data' / kind / 'train.jsonl'}",
-        f"data.val={demo / 'data' / kind / 'val.jsonl'}",
-        f"data.tokenizer={demo / 'tokenizer'}",
-        f"checkpoint.dir={demo / 'runs' / run}",
-        "logging.tensorboard_dir=null",
-        "logging.progress_bar=false",
-    ]
 
 
 @pytest.fixture(scope="session")

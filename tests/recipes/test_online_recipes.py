@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
+from online_starts import rl_run_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # fp32 on CPU; TP/PP only reorder sums (split matmuls, all-reduces): a few ulps per step,
@@ -46,18 +47,6 @@ def online_worker(recipe: str, overrides: list[str]):
     }
 
 
-def data_overrides(demo: Path, run_dir: Path, *, val: bool = False) -> list[str]:
-    return [
-        f"data.train={demo / 'data' / 'rl_prompt' / 'train.jsonl'}",
-        f"data.val={demo / 'data' / 'rl_prompt' / 'val.jsonl'}" if val else "data.val=null",
-        f"data.tokenizer={demo / 'tokenizer'}",
-        f"checkpoint.dir={run_dir}",
-        "checkpoint.export_hf_at_end=false",
-        "logging.tensorboard_dir=null",
-        "logging.progress_bar=false",
-    ]
-
-
 # Small steps: 4 prompts x 4 samples, two optimizer steps of 8 rollouts each.
 SMALL = {
     "grpo": ["grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.kl_coef=0.05"],
@@ -73,8 +62,7 @@ SMALL_TRAINER = ["trainer.global_batch_size=8", "trainer.micro_batch_size=4", "t
 
 def mechanics(recipe: str, start: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        *data_overrides(start.parents[2], run_dir),
-        f"model.hf_path={start}",
+        *rl_run_overrides(start, run_dir),
         *SPREAD_REWARD,
         *SMALL[recipe],
         *SMALL_TRAINER,
@@ -220,8 +208,7 @@ HELD_OUT_RISE = 0.1  # every measured run cleared it (the issue's 0.2: most runs
 def test_training_reward_and_held_out_accuracy_rise(case, sft_start, tmp_path):
     recipe, extra = LEARNING_CASES[case]
     overrides = [
-        *data_overrides(sft_start.parents[2], tmp_path / "run", val=True),
-        f"model.hf_path={sft_start}",
+        *rl_run_overrides(sft_start, tmp_path / "run", val=True),
         f"trainer.max_steps={LEARNING_STEPS}",
         "trainer.max_epochs=1000",
         f"trainer.val_every={LEARNING_STEPS}",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
+from online_starts import rl_run_overrides
 
 from aligner.config import ConfigError, load_config
 
@@ -39,25 +40,11 @@ def ppo_worker(overrides: list[str]):
     }
 
 
-def base_overrides(start: Path, run_dir: Path, *, val: bool = False) -> list[str]:
-    demo = start.parents[2]
-    return [
-        f"model.hf_path={start}",
-        f"data.train={demo / 'data' / 'rl_prompt' / 'train.jsonl'}",
-        f"data.val={demo / 'data' / 'rl_prompt' / 'val.jsonl'}" if val else "data.val=null",
-        f"data.tokenizer={demo / 'tokenizer'}",
-        f"checkpoint.dir={run_dir}",
-        "checkpoint.export_hf_at_end=false",
-        "logging.tensorboard_dir=null",
-        "logging.progress_bar=false",
-    ]
-
-
 # Small steps: 4 prompts x 4 samples, two optimizer steps (actor and critic) of 8 rollouts each; a critic
 # from the policy (a value head on the SFT model) and the digit-share reward.
 def mechanics(start: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        *base_overrides(start, run_dir),
+        *rl_run_overrides(start, run_dir),
         "reward.terms=[{function: 'online_rewards:digit_share'}]",
         "ppo.critic_init=policy",
         "ppo.critic_warmup_steps=0",
@@ -218,7 +205,7 @@ RM_HELD_OUT_SLACK = 0.03  # greedy held-out score may not fall more than this (3
 @pytest.mark.slow
 def test_the_reward_model_score_rises_while_the_kl_stays_bounded(sft_start, demo_rm, tmp_path):
     overrides = [
-        *base_overrides(sft_start, tmp_path / "run", val=True),
+        *rl_run_overrides(sft_start, tmp_path / "run", val=True),
         f"reward.terms=[{{model: '{demo_rm}'}}]",
         "ppo.critic_init=reward_model",
         f"ppo.critic_warmup_steps={RM_WARMUP}",
@@ -258,7 +245,7 @@ HELD_OUT_RISE = 0.1
 @pytest.mark.slow
 def test_exact_answer_training_reward_and_held_out_accuracy_rise(sft_start, tmp_path):
     overrides = [
-        *base_overrides(sft_start, tmp_path / "run", val=True),
+        *rl_run_overrides(sft_start, tmp_path / "run", val=True),
         "reward.terms=[{function: 'aligner.rewards.arithmetic:exact_answer'}]",
         "ppo.critic_init=policy",
         f"ppo.critic_warmup_steps={ARITHMETIC_WARMUP}",
