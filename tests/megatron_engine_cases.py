@@ -56,15 +56,6 @@ def _error(fn) -> str:
     return "no error"
 
 
-def _cpu(rollouts):
-    """The rollouts with their tensors on the CPU (what the spawned world returns)."""
-    import dataclasses
-
-    return dataclasses.replace(
-        rollouts, **{name: value.cpu() for name, value in vars(rollouts).items() if isinstance(value, torch.Tensor)}
-    )
-
-
 def engine_cases_worker(allow_cpu: bool) -> dict:
     """Every case, on the GPU when one is visible (else the CPU, with ``allow_cpu``); tensors come back on the CPU."""
     from aligner.generation.megatron_engine import MegatronEngine
@@ -93,8 +84,8 @@ def engine_cases_worker(allow_cpu: bool) -> dict:
     def both(sampling, prompts=PROMPTS, **kwargs):
         torch_engine, megatron_engine = engines(**kwargs)
         return {
-            "torch": _cpu(torch_engine.generate(prompts, sampling)),
-            "megatron": _cpu(megatron_engine.generate(prompts, sampling)),
+            "torch": torch_engine.generate(prompts, sampling).cpu(),
+            "megatron": megatron_engine.generate(prompts, sampling).cpu(),
         }
 
     result = {"device": str(next(model.parameters()).device)}
@@ -106,10 +97,10 @@ def engine_cases_worker(allow_cpu: bool) -> dict:
     # the online loop passes its own (checkpointed) generator instead of a seed
     device = next(model.parameters()).device
     unseeded = dataclasses.replace(SAMPLED, seed=None)
-    result["sampled_generator"] = _cpu(
-        engines(eos_token_id=[])[1].generate(
-            SAME_LENGTH_PROMPTS, unseeded, generator=torch.Generator(device=device).manual_seed(SAMPLE_SEED)
-        )
+    result["sampled_generator"] = (
+        engines(eos_token_id=[])[1]
+        .generate(SAME_LENGTH_PROMPTS, unseeded, generator=torch.Generator(device=device).manual_seed(SAMPLE_SEED))
+        .cpu()
     )
 
     # stops: an eos id (also as one of several), a stop token, a stop string, each taken from the greedy rows
@@ -157,8 +148,8 @@ def engine_cases_worker(allow_cpu: bool) -> dict:
     new_model = build_model(CONFIG, init_weights=False)
     load_full_state_dict(new_model, engine_weights(NEW_WEIGHTS_SEED))
     result["refit"] = {
-        "megatron": _cpu(other_engine.generate(PROMPTS, GREEDY, expected_version=1)),
-        "torch": _cpu(TorchEngine(new_model, eos_token_id=[], pad_token_id=PAD).generate(PROMPTS, GREEDY)),
+        "megatron": other_engine.generate(PROMPTS, GREEDY, expected_version=1).cpu(),
+        "torch": TorchEngine(new_model, eos_token_id=[], pad_token_id=PAD).generate(PROMPTS, GREEDY).cpu(),
     }
 
     # sleep / wake: the KV cache goes and comes back; generation is unchanged afterwards
@@ -169,9 +160,9 @@ def engine_cases_worker(allow_cpu: bool) -> dict:
     sleep.update(allocated_asleep=engine.kv_cache_allocated(), memory_asleep=memory())
     engine.wake()
     sleep.update(allocated_woken=engine.kv_cache_allocated(), memory_woken=memory())
-    sleep["after_wake"] = _cpu(engine.generate(PROMPTS, GREEDY))
+    sleep["after_wake"] = engine.generate(PROMPTS, GREEDY).cpu()
     engine.sleep()
-    sleep["without_wake"] = _cpu(engine.generate(PROMPTS, GREEDY))  # the cache comes back at the first forward
+    sleep["without_wake"] = engine.generate(PROMPTS, GREEDY).cpu()  # the cache comes back at the first forward
     result["sleep"] = sleep
     destroy()
     return result

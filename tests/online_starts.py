@@ -49,3 +49,36 @@ def rl_run_overrides(start: Path, run_dir: Path, *, val: bool = False) -> list[s
         "logging.tensorboard_dir=null",
         "logging.progress_bar=false",
     ]
+
+
+# fp32 on CPU; TP/PP only reorder sums (split matmuls, all-reduces): a few ulps per step, amplified by a
+# couple of Adam steps (as the offline recipes' layout tests).
+PARALLEL_RTOL, PARALLEL_ATOL = 1e-4, 1e-5
+
+
+def assert_steps_close(history: list[dict], want_history: list[dict], names, *, label: str) -> None:
+    """The ``names`` metrics of every step of ``history`` equal ``want_history``'s within the layout tolerance."""
+    import torch
+
+    got = torch.tensor([[step[name] for name in names] for step in history])
+    want = torch.tensor([[step[name] for name in names] for step in want_history])
+    torch.testing.assert_close(got, want, rtol=PARALLEL_RTOL, atol=PARALLEL_ATOL, msg=lambda m: f"{label}: {m}")
+
+
+def assert_resumed_bitwise(first: dict, second: dict, straight: dict, names, models=("weights",)) -> None:
+    """A run stopped (``first``) and resumed (``second``) equals the ``straight`` run bitwise.
+
+    The ``names`` metrics of every step and every weight of each of ``models`` (keys of the
+    results holding full state dicts) are equal; and the stopped run's weights differ from the
+    final ones, so that the comparison is not vacuous.
+    """
+    import torch
+
+    resumed = first["history"] + second["history"]
+    for name in names:
+        assert [step[name] for step in resumed] == [step[name] for step in straight["history"]], name
+    for model in models:
+        for name, want in straight[model].items():
+            assert torch.equal(second[model][name], want), (model, name)
+        probe = "decoder.final_layernorm.weight"
+        assert not torch.equal(first[model][probe], straight[model][probe]), model

@@ -390,6 +390,19 @@ def kl_loss_term(
     return kl, {"kl": masked_mean(kl.detach(), mask)}
 
 
+def masked_token_kl(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, estimator: str, dtype: torch.dtype
+) -> Tensor:
+    """``[B, T]`` per-token :func:`aligner.ops.kl_penalty` of the detached ``logprobs - ref_logprobs``, in ``dtype``.
+
+    0 outside ``mask`` (the difference is zeroed there first, so padding never reaches the
+    estimator); unclamped. The KL a reward is penalized by (REINFORCE's, PPO's token rewards).
+    """
+    valid = mask != 0
+    d = torch.where(valid, logprobs.detach().to(dtype) - ref_logprobs.detach().to(dtype), 0.0)
+    return torch.where(valid, kl_penalty(d, torch.zeros_like(d), estimator=estimator), 0.0)
+
+
 def kl_in_reward(
     rewards: Tensor,
     logprobs: Tensor,
@@ -434,9 +447,7 @@ def kl_in_reward(
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     dtype = torch.float64 if torch.float64 in (rewards.dtype, logprobs.dtype) else torch.float32
-    valid = mask != 0
-    d = torch.where(valid, logprobs.detach().to(dtype) - ref_logprobs.detach().to(dtype), 0.0)
-    kl = torch.where(valid, kl_penalty(d, torch.zeros_like(d), estimator=estimator), 0.0)
+    kl = masked_token_kl(logprobs, ref_logprobs, mask, estimator=estimator, dtype=dtype)
     sequence_kl = masked_mean(kl, mask, dim=-1) if reduction == "mean" else kl.sum(dim=-1)
     shaped = rewards.detach().to(dtype) - kl_coef * sequence_kl
     return shaped, {"kl_in_reward": sequence_kl.mean() if sequence_kl.numel() else sequence_kl.sum()}

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aligner.algorithms.policy_gradient import check_token_tensors
-from aligner.ops import kl_penalty, masked_mean
+from aligner.algorithms.policy_gradient import check_token_tensors, masked_token_kl
+from aligner.ops import masked_mean
 
 # The KL in the reward: NeMo-Aligner's k1 and its absolute value (use_absolute_kl).
 KL_IN_REWARD_ESTIMATORS = ("k1", "abs")
@@ -74,8 +74,7 @@ def ppo_token_rewards(
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     dtype = torch.float64 if torch.float64 in (scores.dtype, logprobs.dtype) else torch.float32
     valid = mask != 0
-    kl = kl_penalty(logprobs.detach().to(dtype), ref_logprobs.detach().to(dtype), estimator=estimator)
-    kl = torch.where(valid, kl, 0.0)
+    kl = masked_token_kl(logprobs, ref_logprobs, mask, estimator=estimator, dtype=dtype)
     rewards = -kl_coef * kl
     last = last_valid_index(mask)
     rows = (last >= 0).nonzero().squeeze(1)

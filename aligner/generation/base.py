@@ -19,7 +19,9 @@ Nothing here imports megatron-core.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +161,11 @@ class Rollouts:
         columns = torch.arange(self.logprobs.shape[1], device=self.tokens.device)
         return (columns >= self.prompt_lengths[:, None] - 1) & (columns < self.lengths[:, None] - 1)
 
+    def cpu(self) -> Rollouts:
+        """These rollouts with every tensor on the CPU (e.g. to gather them as Python objects)."""
+        moved = {name: value.cpu() for name, value in vars(self).items() if isinstance(value, Tensor)}
+        return dataclasses.replace(self, **moved)
+
     def select(self, rows: Tensor | Sequence[int]) -> Rollouts:
         """The rollouts of ``rows`` (indices or a ``[B]`` bool mask), trimmed to their own longest row.
 
@@ -270,6 +277,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def wake(self) -> None:
         """Undo :meth:`sleep` before the next generation (weights first, then the KV cache, on a GPU)."""
+
+    @contextlib.contextmanager
+    def awake(self) -> Iterator[Engine]:
+        """``with engine.awake(): engine.generate(...)``: woken for the block, put to sleep after it (also on error)."""
+        self.wake()
+        try:
+            yield self
+        finally:
+            self.sleep()
 
     def check_version(self, expected_version: int | None) -> None:
         """Raise :class:`StaleWeightsError` if the weights are older than ``expected_version`` (None: no check)."""

@@ -61,7 +61,6 @@ from aligner.trainers.online import (
 from aligner.trainers.rollouts import (
     PhaseTimer,
     fit_width,
-    policy_updates,
     prompt_stream,
     rollout_metrics,
     score_rollouts,
@@ -304,15 +303,7 @@ def run(config: PPORunConfig) -> Run:
             local = {name: value.item() for name, value in reward_metrics.items()}
             metrics.update(average_over_data_parallel({**local, "kl_coef": controller.value}))
             with timer("train"):
-                critic_metrics = policy_updates(
-                    critic,
-                    batch,
-                    critic_step,
-                    mini_batch_rows=online.mini_batch_rows,
-                    micro_batch_size=config.trainer.micro_batch_size,
-                    epochs=ppo.epochs,
-                    pad_to_multiple_of=pad,
-                )
+                critic_metrics = online.update(batch, critic_step, state=critic)
                 metrics.update({f"critic_{name}": value for name, value in critic_metrics.items()})
                 if online.run.step >= ppo.critic_warmup_steps:
                     metrics.update(online.update(actor_batch, actor_step))

@@ -238,14 +238,10 @@ def draw_kept_set(
     """
     rs = config.rs
     # step 1: k samples per prompt with the current weights
-    with timer("generate"):
-        engine.wake()
-        try:
-            rollouts = engine.generate(
-                prompts.prompt_ids, config.generation.sampling(), expected_version=version, generator=generator
-            )
-        finally:
-            engine.sleep()
+    with timer("generate"), engine.awake():
+        rollouts = engine.generate(
+            prompts.prompt_ids, config.generation.sampling(), expected_version=version, generator=generator
+        )
     # step 2: rewards
     with timer("score"):
         scores = score_rollouts(rewards, tokenizer, prompts, rollouts)
@@ -255,7 +251,7 @@ def draw_kept_set(
         selection = select_top(scores.total, rs.samples_per_prompt, top_n=rs.top_n, min_reward=rs.min_reward)
         slots = rollouts.select(selection.rows.to(rollouts.tokens.device))
         share = {
-            "slots": _to_cpu(slots),
+            "slots": slots.cpu(),
             "rewards": scores.total.cpu(),
             "response_lengths": (rollouts.lengths - rollouts.prompt_lengths).cpu(),
         }
@@ -273,18 +269,6 @@ def draw_kept_set(
         rows["labels"][dropped] = IGNORE_INDEX
         rows["loss_mask"][dropped] = 0.0
     return {name: rows[name] for name in _KEPT_COLUMNS}, metrics
-
-
-def _to_cpu(rollouts: Rollouts) -> Rollouts:
-    return Rollouts(
-        tokens=rollouts.tokens.cpu(),
-        prompt_lengths=rollouts.prompt_lengths.cpu(),
-        lengths=rollouts.lengths.cpu(),
-        is_end=rollouts.is_end.cpu(),
-        stop_reason=list(rollouts.stop_reason),
-        logprobs=rollouts.logprobs.cpu(),
-        weights_version=rollouts.weights_version,
-    )
 
 
 def _gather_over_data_parallel(share: dict[str, Any]) -> list[dict[str, Any]]:

@@ -272,8 +272,7 @@ def generate_responses(
     dp_size = parallel_state.get_data_parallel_world_size()
     rows = list(range(dp_rank, len(prompts), dp_size))
     drawn: dict[int, tuple[list[int], bool]] = {}
-    engine.wake()
-    try:
+    with engine.awake():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             rollouts = engine.generate(
@@ -288,8 +287,6 @@ def generate_responses(
                 strict=True,
             ):
                 drawn[row] = (tokens[prompt_length:length], is_end)
-    finally:
-        engine.sleep()
     if dp_size > 1:
         shares: list[dict[int, tuple[list[int], bool]] | None] = [None] * dp_size
         dist.all_gather_object(shares, drawn, group=parallel_state.get_data_parallel_group())

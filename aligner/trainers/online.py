@@ -355,13 +355,10 @@ class OnlineRun:
         The engine is woken for the generation and put to sleep after it, so that on a GPU its KV
         cache does not stay allocated through scoring and training.
         """
-        self.engine.wake()
-        try:
+        with self.engine.awake():
             return self.engine.generate(
                 prompts.prompt_ids, sampling, expected_version=self.state.step, generator=self.sampling_rng.generator
             )
-        finally:
-            self.engine.sleep()
 
     def needs_old_logprobs(self, batch: dict[str, torch.Tensor]) -> bool:
         """Whether the update of ``batch`` needs a forward-only pass for the rollout policy's log-probs.
@@ -389,10 +386,15 @@ class OnlineRun:
         temperature = self.config.generation.temperature
         return rollout_logprobs(self.state, reference, batch, micro_batches, temperature=temperature, old=old)
 
-    def update(self, batch: dict[str, torch.Tensor], forward_step: ForwardStep) -> dict[str, float]:
-        """``epochs`` passes over ``batch`` in mini-batches of ``trainer.global_batch_size`` rollouts (over ranks)."""
+    def update(
+        self, batch: dict[str, torch.Tensor], forward_step: ForwardStep, *, state: TrainState | None = None
+    ) -> dict[str, float]:
+        """``epochs`` passes over ``batch`` in mini-batches of ``trainer.global_batch_size`` rollouts (over ranks).
+
+        ``state``: the train state to update, the policy's by default (PPO passes its critic).
+        """
         return policy_updates(
-            self.state,
+            state or self.state,
             batch,
             forward_step,
             mini_batch_rows=self.mini_batch_rows,

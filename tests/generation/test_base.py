@@ -49,6 +49,7 @@ class _VersionOnly(Engine):
 
     def __init__(self, version: int):
         self._version = version
+        self.calls: list[str] = []
 
     @property
     def version(self) -> int:
@@ -64,10 +65,10 @@ class _VersionOnly(Engine):
         raise NotImplementedError
 
     def sleep(self):
-        pass
+        self.calls.append("sleep")
 
     def wake(self):
-        pass
+        self.calls.append("wake")
 
 
 def test_stale_weights_are_an_error_newer_ones_are_not():
@@ -77,6 +78,33 @@ def test_stale_weights_are_an_error_newer_ones_are_not():
     engine.check_version(3)
     with pytest.raises(StaleWeightsError, match="version 5 but version 6 is required"):
         engine.check_version(6)
+
+
+def test_awake_wakes_for_the_block_and_sleeps_after_it_even_on_error():
+    engine = _VersionOnly(0)
+    with engine.awake() as awake:
+        assert awake is engine and engine.calls == ["wake"]
+    assert engine.calls == ["wake", "sleep"]
+    with pytest.raises(RuntimeError, match="boom"), engine.awake():
+        raise RuntimeError("boom")
+    assert engine.calls == ["wake", "sleep", "wake", "sleep"]
+
+
+def test_cpu_moves_every_tensor_and_keeps_the_rest():
+    rollouts = Rollouts(
+        tokens=torch.tensor([[1, 2, 3]]),
+        prompt_lengths=torch.tensor([1]),
+        lengths=torch.tensor([3]),
+        is_end=torch.tensor([True]),
+        stop_reason=["eos"],
+        logprobs=torch.tensor([[0.0, -0.5]]),
+        weights_version=4,
+        metrics={"generate_s": 0.1},
+    )
+    moved = rollouts.cpu()
+    for name in ("tokens", "prompt_lengths", "lengths", "is_end", "logprobs"):
+        assert getattr(moved, name).device.type == "cpu" and torch.equal(getattr(moved, name), getattr(rollouts, name))
+    assert (moved.stop_reason, moved.weights_version, moved.metrics) == (["eos"], 4, {"generate_s": 0.1})
 
 
 def test_buckets_are_bounded_and_keep_every_tensor_in_order():
