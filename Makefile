@@ -13,6 +13,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, each test file on one worker (its module fixtures built once). Most
+# slow cases run one single-threaded process (the online learning runs) or wait on spawns and gloo, so two
+# workers keep both cores busy; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-cuda bench bench-peers demo lint format clean
 
@@ -42,7 +46,7 @@ install: $(VENV)/.torch-installed
 	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
 
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	ALIGNER_BENCH_QUICK=1 $(PY) bench/run.py --no-write
 
 test-cuda: install

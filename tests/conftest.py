@@ -2,7 +2,18 @@
 
 pytest puts this directory on ``sys.path`` (rootdir conftest, no ``__init__.py``),
 so test modules import the shared helpers directly: ``from distributed import run_distributed``.
+
+Under pytest-xdist (``make test`` runs ``pytest -n 2``) each worker process computes with one
+CPU thread: two workers of two threads each on two cores stall each other in OpenMP's spin waits.
+The processes a test spawns (tests/distributed.py) take one thread each in any case.
 """
+
+import os
+
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

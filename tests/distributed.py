@@ -51,9 +51,13 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, res
 
 
 def run_distributed(
-    fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 240.0, gpus: bool = False
+    fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 600.0, gpus: bool = False
 ) -> list[Any]:
-    """``[fn(*args) on rank 0, ..., on rank world_size - 1]``, each in its own spawned process."""
+    """``[fn(*args) on rank 0, ..., on rank world_size - 1]``, each in its own spawned process.
+
+    ``timeout_s`` catches a hang, not a slow run: the longest cases (the online learning runs, ~150 s
+    alone) run beside another test worker's processes under ``make test`` (``pytest -n 2``).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
