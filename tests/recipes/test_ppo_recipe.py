@@ -191,6 +191,7 @@ def test_the_reward_model_score_rises_while_the_kl_stays_bounded(sft_start, demo
         *rl_run_overrides(sft_start, tmp_path / "run", val=True),
         f"reward.terms=[{{model: '{demo_rm}'}}]",
         "ppo.critic_init=reward_model",
+        "generation.temperature=1.0",  # the measured setting above (the config samples at 0.7)
         f"ppo.critic_warmup_steps={RM_WARMUP}",
         f"trainer.max_steps={RM_STEPS}",
         f"trainer.val_every={RM_STEPS}",
@@ -214,15 +215,15 @@ def test_the_reward_model_score_rises_while_the_kl_stays_bounded(sft_start, demo
 
 
 # Learning the exact answer: the critic starts from the policy (the SFT model with a new value head) and trains
-# alone for the first 25 steps; then 475 steps of 16 prompts x 8 samples, one actor and one critic update each,
-# lr 5e-4 decayed to 1e-5 (configs/ppo_tiny.yaml with the exact-answer reward). Measured (2 CPU threads, ~150 s
-# alone): held-out greedy accuracy 0.36 -> 0.56 (seed 1234; lam 1.0: 0.56; seed 7: 0.47), training reward (first /
-# last 50 steps) 0.39 -> 0.63. Held-out accuracy dips for the first 100 - 200 steps (to 0.09 - 0.36) while the
-# critic learns the problems' values and recovers after, so a shorter run would not show the rise. As for GRPO
-# (tests/recipes/test_online_recipes.py) the +0.2 is reached by some runs, not all: the test asserts +0.1.
+# alone for the first 25 steps; then 475 steps of 16 prompts x 8 samples at temperature 0.7, one actor and one
+# critic update each, lr 5e-4 decayed to 1e-5 (configs/ppo_tiny.yaml with the exact-answer reward). Measured (one
+# CPU thread, ~125 s): held-out greedy accuracy 0.36 -> 0.67, 0.61, 0.62, 0.61 (seeds 1234, 7, 11, 3), training
+# reward (first / last 50 steps) 0.46 -> 0.81 - 0.83. At temperature 1.0 the same runs ended at 0.47 - 0.56: the
+# samples drift further from the greedy answer the test measures. Held-out accuracy dips for the first 100 - 200
+# steps (to 0.08 - 0.47) while the critic learns the problems' values, and recovers after.
 ARITHMETIC_STEPS, ARITHMETIC_WARMUP, WINDOW = 500, 25, 50
 TRAIN_RISE = 0.15  # the window means' standard error is ~0.02 (128 binary rewards per step)
-HELD_OUT_RISE = 0.1
+HELD_OUT_RISE = 0.2  # the issue's; the 4 measured runs cleared it by 0.05 - 0.11
 
 
 @pytest.mark.slow
