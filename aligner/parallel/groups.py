@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,21 @@ def initialize(
     np.random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     model_parallel_cuda_manual_seed(stage_seed)
+
+
+def gather_over_data_parallel(obj: Any) -> list[Any]:
+    """Every data-parallel rank's ``obj`` (picklable; tensors best on the CPU), in rank order; a collective.
+
+    ``[obj]`` without a data-parallel group of more than one rank (no communication).
+    """
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_data_parallel_world_size()
+    if size == 1:
+        return [obj]
+    shares: list[Any] = [None] * size
+    dist.all_gather_object(shares, obj, group=parallel_state.get_data_parallel_group())
+    return shares
 
 
 def destroy() -> None:

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from aligner import cli
@@ -57,7 +56,7 @@ from aligner.generation.base import Engine, Rollouts
 from aligner.generation.config import GenerationConfig
 from aligner.models.loading import build_model_from, check_vocab
 from aligner.ops import IGNORE_INDEX
-from aligner.parallel import initialize
+from aligner.parallel import gather_over_data_parallel, initialize
 from aligner.recipes.sft import forward_step
 from aligner.rewards.combine import CombinedReward, build_rewards
 from aligner.rewards.config import RewardConfig
@@ -255,7 +254,7 @@ def draw_kept_set(
             "rewards": scores.total.cpu(),
             "response_lengths": (rollouts.lengths - rollouts.prompt_lengths).cpu(),
         }
-        shares = _gather_over_data_parallel(share)
+        shares = gather_over_data_parallel(share)
         rewards_all = torch.cat([part["rewards"] for part in shares])
         lengths_all = torch.cat([part["response_lengths"] for part in shares])
         # A rank's samples are whole prompts, so selecting over the joined rewards joins the ranks' selections.
@@ -269,16 +268,6 @@ def draw_kept_set(
         rows["labels"][dropped] = IGNORE_INDEX
         rows["loss_mask"][dropped] = 0.0
     return {name: rows[name] for name in _KEPT_COLUMNS}, metrics
-
-
-def _gather_over_data_parallel(share: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every data-parallel rank's ``share``, in rank order (objects on the CPU); a collective."""
-    dp_size = parallel_state.get_data_parallel_world_size()
-    if dp_size == 1:
-        return [share]
-    shares: list[Any] = [None] * dp_size
-    dist.all_gather_object(shares, share, group=parallel_state.get_data_parallel_group())
-    return shares
 
 
 def run(config: RSRunConfig) -> Run:

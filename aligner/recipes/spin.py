@@ -55,7 +55,7 @@ from aligner.generation.base import Engine, SamplingParams
 from aligner.generation.config import GenerationConfig
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
 from aligner.models.loading import build_model_from, check_vocab
-from aligner.parallel import initialize
+from aligner.parallel import gather_over_data_parallel, initialize
 from aligner.trainers.online import build_engine
 from aligner.trainers.reference import Annotated, precompute_sequence_logprobs
 from aligner.trainers.rollouts import PhaseTimer, SamplingGenerator
@@ -287,10 +287,7 @@ def generate_responses(
                 strict=True,
             ):
                 drawn[row] = (tokens[prompt_length:length], is_end)
-    if dp_size > 1:
-        shares: list[dict[int, tuple[list[int], bool]] | None] = [None] * dp_size
-        dist.all_gather_object(shares, drawn, group=parallel_state.get_data_parallel_group())
-        drawn = {row: entry for share in shares for row, entry in share.items()}
+    drawn = {row: entry for share in gather_over_data_parallel(drawn) for row, entry in share.items()}
     responses = [drawn[row][0] for row in range(len(prompts))]
     metrics = {
         "response_length_mean": sum(len(response) for response in responses) / len(responses),

@@ -394,7 +394,7 @@ class OnlineRun:
         ``state``: the train state to update, the policy's by default (PPO passes its critic).
         """
         return policy_updates(
-            state or self.state,
+            self.state if state is None else state,
             batch,
             forward_step,
             mini_batch_rows=self.mini_batch_rows,

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from aligner.data import EncodedDataset, GlobalBatchLoader, collate
 from aligner.models.lm_head import lm_hidden_states, lm_token_logprobs
 from aligner.models.schedule import CollectStep, forward_only
+from aligner.parallel import gather_over_data_parallel
 
 
 def sequence_logprobs_step(input_key: str = "input_ids", labels_key: str = "labels") -> CollectStep:
@@ -136,10 +137,8 @@ def precompute_sequence_logprobs(
     if sums is not None:
         for number, batch, batch_sums in zip(numbers, batches, sums, strict=True):
             rows[number] = batch_sums.view(-1, batch["index"].shape[0]).T.cpu()  # [B, R]: chosen then rejected rows
-    if dp_size > 1:  # the replicas of one pipeline stage exchange their rows
-        shares: list[dict[int, torch.Tensor] | None] = [None] * dp_size
-        torch.distributed.all_gather_object(shares, rows, group=parallel_state.get_data_parallel_group())
-        rows = {number: part for share in shares for number, part in share.items()}
+    # the replicas of one pipeline stage exchange their rows
+    rows = {number: part for share in gather_over_data_parallel(rows) for number, part in share.items()}
     table = torch.cat([rows[number] for number in range(len(starts))]) if rows else None
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         shared = [table]

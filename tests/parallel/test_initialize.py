@@ -29,7 +29,7 @@ def worker():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from aligner.parallel import destroy, megatron_cpu
+    from aligner.parallel import destroy, gather_over_data_parallel, megatron_cpu
 
     initialize(pp=2, seed=42)
     default_draw = torch.rand(3)
@@ -45,6 +45,8 @@ def worker():
         "default_draw": default_draw,
         "after_fork_draw": torch.rand(3),
         "model_parallel_draw": model_parallel_draw,
+        # each pipeline stage is a data-parallel group of one: its own object only
+        "gathered": gather_over_data_parallel({"stage": parallel_state.get_pipeline_model_parallel_rank()}),
     }
     destroy()
     seen["clean"] = not torch.distributed.is_initialized() and not megatron_cpu.is_enabled()
@@ -56,6 +58,7 @@ def test_groups_and_seeds_per_rank():
     results = run_distributed(worker, 2)
     assert [r["ranks"] for r in results] == [(0, 0, 1), (0, 1, 1)]
     assert all(r["shim"] and r["clean"] for r in results)  # workers see no GPU
+    assert [r["gathered"] for r in results] == [[{"stage": 0}], [{"stage": 1}]]
     for stage, seen in enumerate(results):
         # Pipeline stages build different layers, so each draws from seed + 100 * stage.
         torch.manual_seed(42 + 100 * stage)
@@ -69,9 +72,10 @@ PLAIN_SCRIPT = """
 import torch
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model
-from aligner.parallel import destroy, initialize
+from aligner.parallel import destroy, gather_over_data_parallel, initialize
 
 initialize()
+assert gather_over_data_parallel({"rank": 0}) == [{"rank": 0}]
 model = build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=50))
 model(torch.randint(0, 50, (2, 5)), None, None).sum().backward()
 destroy()
