@@ -15,6 +15,12 @@ model or DPO policy can separate chosen from rejected on held-out problems;
 ``"near"`` (off by 1-3) is the hard variant. Train and validation rows come from
 disjoint problem sets (:func:`split_problems`).
 
+The demo's files (:func:`write_demo_datasets`) answer mostly short and sometimes
+verbose in SFT (:data:`DEMO_SFT_STYLES`), and their preference pairs follow
+helpfulness: right over wrong, and an explained right answer over a bare one. So
+the demo's reward model prefers explanations its SFT model gives when sampled but
+not when greedy, which an RL run against that reward model can learn to give.
+
 Every generator returns plain row dicts in the jsonl formats of
 :mod:`aligner.data.formats`; :func:`write_demo_datasets` writes all of them.
 """
@@ -25,7 +31,7 @@ import functools
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -165,19 +171,40 @@ def stated_answer(response: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+# The demo's SFT answers: mostly short, some verbose. Greedy decoding answers short, while sampling explains
+# itself often enough that an RL run rewarded for explanations (the demo's helpfulness reward model) finds them.
+DEMO_SFT_STYLES: dict[Style, float] = {"short": 0.8, "verbose": 0.2}
+
+
 def _max_answer(problems: Sequence[ArithmeticProblem], max_answer: int | None) -> int:
     return max(problem.answer for problem in problems) if max_answer is None else max_answer
 
 
 def sft_rows(
-    problems: Sequence[ArithmeticProblem], num_rows: int, seed: int, *, style: Style = "short"
+    problems: Sequence[ArithmeticProblem],
+    num_rows: int,
+    seed: int,
+    *,
+    style: Style | Mapping[Style, float] = "short",
 ) -> list[dict[str, Any]]:
-    """``{"input", "output"}`` rows answering randomly drawn problems correctly in ``style``."""
+    """``{"input", "output"}`` rows answering randomly drawn problems correctly in ``style``.
+
+    ``style`` is one style for every row, or a mapping of styles to weights from which each row's
+    style is drawn (e.g. :data:`DEMO_SFT_STYLES`).
+
+    Raises:
+        ValueError: a style mapping with an unknown style or no positive weight.
+    """
+    weights = {style: 1.0} if isinstance(style, str) else dict(style)
+    if any(name not in STYLES for name in weights) or not any(weight > 0 for weight in weights.values()):
+        raise ValueError(f"style weights need styles of {list(STYLES)} and a positive weight, got {weights}")
     rng = random.Random(seed)
     rows = []
     for _ in range(num_rows):
         problem = rng.choice(problems)
-        rows.append({"input": problem.question, "output": problem.response(problem.answer, style)})
+        # one style draws nothing, so its rows are those of the single-style generator
+        row_style = next(iter(weights)) if len(weights) == 1 else rng.choices(list(weights), list(weights.values()))[0]
+        rows.append({"input": problem.question, "output": problem.response(problem.answer, row_style)})
     return rows
 
 
@@ -186,7 +213,7 @@ def preference_rows(
     num_rows: int,
     seed: int,
     *,
-    pairs: Literal["correctness", "verbosity"] = "correctness",
+    pairs: Literal["correctness", "verbosity", "helpfulness"] = "correctness",
     wrong: WrongAnswers = "far",
     with_rewards: bool = False,
     max_answer: int | None = None,
@@ -195,7 +222,10 @@ def preference_rows(
 
     ``pairs="correctness"``: chosen states the right answer, rejected a wrong one, both in the same
     (random) style so only correctness differs. ``pairs="verbosity"``: both right, chosen verbose,
-    rejected terse. ``with_rewards`` adds ``chosen_reward``/``rejected_reward`` (the helpfulness label).
+    rejected terse. ``pairs="helpfulness"``: ordered by the helpfulness label of :func:`attributes`, as
+    HelpSteer-style preferences are: half the rows are correctness pairs, half two right answers in
+    different styles with the more explained one chosen (verbose over short over terse).
+    ``with_rewards`` adds ``chosen_reward``/``rejected_reward`` (the helpfulness label).
     ``max_answer`` bounds the correct answers of the whole task for ``wrong="far"`` (default: the largest
     answer in ``problems``; pass the full task's when generating one split of it).
     """
@@ -204,7 +234,10 @@ def preference_rows(
     rows = []
     for _ in range(num_rows):
         problem = rng.choice(problems)
-        if pairs == "correctness":
+        if pairs == "helpfulness" and rng.random() < 0.5:
+            less, more = sorted(rng.sample(STYLES, 2), key=STYLES.index)
+            chosen, rejected = (problem.answer, more), (problem.answer, less)
+        elif pairs in ("correctness", "helpfulness"):
             style = rng.choice(STYLES)
             chosen = (problem.answer, style)
             rejected = (wrong_answer(problem, rng, max_answer=max_answer, wrong=wrong), style)
@@ -303,14 +336,15 @@ def write_demo_datasets(
 ) -> dict[str, dict[str, Path]]:
     """Write ``<out_dir>/<kind>/{train,val}.jsonl`` for every record kind from disjoint problem sets.
 
-    Kinds: sft, preference, regression, kto, rl_prompt. Preference rows carry rewards (usable by RPO
-    and plain DPO alike). Returns ``{kind: {"train": path, "val": path}}``.
+    Kinds: sft (:data:`DEMO_SFT_STYLES`), preference (``pairs="helpfulness"``), regression, kto,
+    rl_prompt. Preference rows carry rewards (usable by RPO and plain DPO alike). Returns
+    ``{kind: {"train": path, "val": path}}``.
     """
     train_problems, val_problems = split_problems(seed, max_operand=max_operand)
     max_answer = max(problem.answer for problem in train_problems + val_problems)
     generators = {
-        "sft": sft_rows,
-        "preference": functools.partial(preference_rows, with_rewards=True, max_answer=max_answer),
+        "sft": functools.partial(sft_rows, style=DEMO_SFT_STYLES),
+        "preference": functools.partial(preference_rows, pairs="helpfulness", with_rewards=True, max_answer=max_answer),
         "regression": functools.partial(regression_rows, max_answer=max_answer),
         "kto": functools.partial(kto_rows, max_answer=max_answer),
         "rl_prompt": rl_prompt_rows,

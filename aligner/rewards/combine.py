@@ -6,6 +6,9 @@ scored = rewards.score(RewardInputs(prompts, responses, extras, tokens, lengths)
 scored.total          # [N] float32: sum_j weight_j * term_j
 scored.terms["exact_answer"]   # [N] float32, unweighted
 scored.metrics        # reward_mean, reward_std, reward_<name>_mean, reward_<name>_std
+
+``reward.missing_eos_penalty`` joins the sum as one more term, ``missing_eos`` (1 for a response
+that never ended), weighted by minus the penalty.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from aligner.rewards.config import RewardConfig
+from aligner.rewards.config import MISSING_EOS, RewardConfig
 from aligner.rewards.inputs import RewardInputs
 
 Reward = Callable[[RewardInputs], Tensor]  # [N] float32 scores of N rollouts
@@ -138,6 +141,17 @@ def reward_metrics(
     return metrics
 
 
+def missing_eos(inputs: RewardInputs) -> Tensor:
+    """1.0 for each response that never ended (``inputs.is_end`` false), else 0.0: the missing-eos penalty's term.
+
+    Raises:
+        ValueError: inputs without ``is_end``.
+    """
+    if inputs.is_end is None:
+        raise ValueError("the missing-eos penalty needs the rollouts' is_end (RewardInputs.is_end)")
+    return (~inputs.is_end.bool()).float().cpu()
+
+
 def build_rewards(config: RewardConfig, *, pad_token_id: int = 0) -> CombinedReward:
     """The rewards ``config`` describes: functions imported, reward models loaded frozen at the current layout.
 
@@ -170,4 +184,6 @@ def build_rewards(config: RewardConfig, *, pad_token_id: int = 0) -> CombinedRew
                 name=term.metric_name,
             )
         terms.append(WeightedReward(term.metric_name, term.weight, reward))
+    if config.missing_eos_penalty:
+        terms.append(WeightedReward(MISSING_EOS, -config.missing_eos_penalty, missing_eos))
     return CombinedReward(terms)

@@ -10,6 +10,7 @@ YAML::
           attribute_weights: {helpfulness: 1.0, verbosity: -0.3}
           weight: 0.5
       model_micro_batch_size: 8
+      missing_eos_penalty: 1.0      # subtracted from the reward of a response that ran into max_new_tokens
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aligner.config import ConfigError
 from aligner.rewards.functions import split_spec
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MISSING_EOS = "missing_eos"  # the metric name of reward.missing_eos_penalty (reward_missing_eos_mean)
 
 
 @dataclass
@@ -85,15 +87,30 @@ class RewardConfig:
         terms: the rewards, each {function: module:function} or {model: checkpoint, attribute_weights}, with a
             weight (default 1) and an optional metric name; a rollout's reward is sum(weight * term).
         model_micro_batch_size: rows per reward-model forward pass.
+        missing_eos_penalty: subtracted from the summed reward of every response that never ended (it ran
+            into ``generation.max_new_tokens`` without eos or a stop), as TRL's option of that name; its
+            metrics are ``reward_missing_eos_mean`` (the fraction penalized) and ``_std``. A reward model
+            scores a cut-off text as readily as a finished one, and pays most for long explanatory text,
+            which a policy can reach by never stopping; 0 (default): no penalty.
     """
 
     terms: list[RewardTerm] = field(default_factory=list)
     model_micro_batch_size: int = 8
+    missing_eos_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model_micro_batch_size < 1:
             raise ConfigError(f"reward.model_micro_batch_size must be >= 1, got {self.model_micro_batch_size}")
+        if not (math.isfinite(self.missing_eos_penalty) and self.missing_eos_penalty >= 0):
+            raise ConfigError(
+                f"reward.missing_eos_penalty must be a finite number >= 0 (it is subtracted), got "
+                f"{self.missing_eos_penalty}"
+            )
         names = [term.metric_name for term in self.terms]
+        if self.missing_eos_penalty and MISSING_EOS in names:
+            raise ConfigError(
+                f"reward.terms: the name {MISSING_EOS!r} is the missing-eos penalty's metric; rename the term"
+            )
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ConfigError(f"reward.terms: several terms are named {repeated} in metrics; give each a distinct name")

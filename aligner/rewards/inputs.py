@@ -24,6 +24,8 @@ class RewardInputs:
         tokens: ``[N, S]`` int64 right-padded prompt + response token ids, as the reward models read
             them (a response's end-of-turn token included when it was drawn); None when no reward model scores.
         lengths: ``[N]`` int64 real tokens per row of ``tokens``.
+        is_end: ``[N]`` bool, whether each response ended (drew eos or a stop) rather than running into
+            the token limit; None when not known (the missing-eos penalty needs it).
 
     Raises (at construction):
         ValueError: fields of different lengths, or only one of ``tokens`` and ``lengths``.
@@ -34,6 +36,7 @@ class RewardInputs:
     extras: Sequence[Mapping[str, Any]]
     tokens: Tensor | None = None
     lengths: Tensor | None = None
+    is_end: Tensor | None = None
 
     def __post_init__(self) -> None:
         sizes = {"prompts": len(self.prompts), "responses": len(self.responses), "extras": len(self.extras)}
@@ -42,6 +45,8 @@ class RewardInputs:
         if self.tokens is not None:
             sizes["tokens"] = self.tokens.shape[0] if self.tokens.dim() else -1
             sizes["lengths"] = self.lengths.shape[0] if self.lengths.dim() else -1
+        if self.is_end is not None:
+            sizes["is_end"] = self.is_end.shape[0] if self.is_end.dim() else -1
         if len(set(sizes.values())) > 1:
             raise ValueError(f"reward inputs must have one row per rollout in every field, got sizes {sizes}")
 

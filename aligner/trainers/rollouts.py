@@ -121,6 +121,7 @@ def score_rollouts(rewards: CombinedReward, tokenizer: Any, prompts: PromptBatch
         extras=prompts.extras,
         tokens=rollouts.tokens,
         lengths=rollouts.lengths,
+        is_end=rollouts.is_end,
     )
     return rewards.score(inputs, group=parallel_state.get_data_parallel_group())
 

@@ -8,6 +8,7 @@ import pytest
 
 from aligner.data.formats import RECORD_KINDS, read_jsonl
 from aligner.data.synthetic import (
+    STYLES,
     ArithmeticProblem,
     all_problems,
     kto_rows,
@@ -41,7 +42,10 @@ def test_demo_answers_and_labels_are_right(tmp_path: Path):
         for record in read_jsonl(paths["sft"][split], "sft"):
             assert reward(record.messages[:-1], record.messages[-1]["content"]) == 1.0
         for record in read_jsonl(paths["preference"][split], "preference"):
-            assert reward(record.prompt, record.chosen) == 1.0 and reward(record.prompt, record.rejected) == 0.0
+            # helpfulness pairs: a right answer over a wrong one, or over a less explained right one
+            assert reward(record.prompt, record.chosen) == 1.0
+            if reward(record.prompt, record.rejected) == 1.0:
+                assert len(record.chosen) > len(record.rejected)
             assert record.chosen_reward > record.rejected_reward
         for record in read_jsonl(paths["kto"][split], "kto"):
             assert reward(record.prompt, record.response) == float(record.desirable)
@@ -87,8 +91,30 @@ def test_generators_are_deterministic_and_styled():
     for row in preference_rows(problems, 20, seed=0, pairs="verbosity"):
         assert "because" in row["chosen"] and row["rejected"].isdigit()
         assert reward(row["prompt"], row["chosen"]) == reward(row["prompt"], row["rejected"]) == 1.0
+    helpfulness = preference_rows(problems, 400, seed=0, pairs="helpfulness", with_rewards=True)
+    by_style = [row for row in helpfulness if reward(row["prompt"], row["rejected"]) == 1.0]
+    assert 0.4 < len(by_style) / len(helpfulness) < 0.6
+    for row in by_style:  # the more explained answer chosen, labelled by its style (helpfulness 2 + style index)
+        chosen, rejected = (style_of(row[key]) for key in ("chosen", "rejected"))
+        assert STYLES.index(chosen) > STYLES.index(rejected)
+        assert (row["chosen_reward"], row["rejected_reward"]) == (2 + STYLES.index(chosen), 2 + STYLES.index(rejected))
+    for row in helpfulness:
+        if row not in by_style:
+            assert reward(row["prompt"], row["chosen"]) == 1.0 and row["rejected_reward"] == 0.0
+    mixed = sft_rows(problems, 1000, seed=0, style={"short": 0.8, "verbose": 0.2})
+    verbose = sum("because" in row["output"] for row in mixed) / len(mixed)
+    assert 0.15 < verbose < 0.25 and all(row["output"].startswith("The answer is") for row in mixed)
+    assert sft_rows(problems, 20, seed=3, style={"terse": 1.0}) == sft_rows(problems, 20, seed=3, style="terse")
+    with pytest.raises(ValueError, match="style weights"):
+        sft_rows(problems, 2, seed=0, style={"loud": 1.0})
+    with pytest.raises(ValueError, match="style weights"):
+        sft_rows(problems, 2, seed=0, style={"short": 0.0})
     labels = [row["label"] for row in kto_rows(problems, 400, seed=0, desirable_fraction=0.25)]
     assert 0.15 < sum(labels) / len(labels) < 0.35
+
+
+def style_of(response: str) -> str:
+    return "terse" if response.isdigit() else "verbose" if "because" in response else "short"
 
 
 def test_response_styles_and_attributes():

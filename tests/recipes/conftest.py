@@ -14,7 +14,7 @@ from online_starts import stage_overrides, stage_worker
 
 # The start of every online run: the demo's SFT model, trained long enough that it answers
 # about a third of the held-out problems (greedy) and ends its responses.
-SFT_STEPS = 250
+SFT_STEPS = 225
 
 
 @pytest.fixture(scope="module")

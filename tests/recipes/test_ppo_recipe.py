@@ -168,62 +168,64 @@ def test_config_errors_name_the_key(tmp_path):
         )
 
 
-# Learning against the demo's reward model (configs/rm_tiny.yaml: correct answers against far-off wrong ones,
-# ~1.0 held-out pair accuracy), which also starts the critic. The SFT start's greedy responses already sit at the
-# model's ceiling (held-out greedy score 3.935, std 0.009 over the 64 prompts: its wrong answers are near misses,
-# which this reward model cannot tell from right ones), so what PPO can raise is the score of the sampled
-# responses: at temperature 1 about 1-2% of them state a far-off answer (score ~ -4), which PPO removes.
-# Measured (60 steps, the first 25 training only the critic, lr 5e-4, kl_coef 0.01 abs; and a 400-step run): score
-# 3.89 / ~3.84 during the warm-up (per-step std 0.5 - 1.0: a step of 128 samples holds one or two far-off answers)
-# -> 3.93 / 3.94 over the last 25 steps (per-step std ~0.01: none left); summed KL per response (abs) at most
-# 0.63 / 0.75; held-out greedy score unchanged (3.935 -> 3.935 / 3.936).
-RM_STEPS, RM_WARMUP = 60, 25
-# The rise is ~7.9 (the score gap of a far-off answer) x the warm-up's share of them (0.3 - 1.5%): >= 0.024.
-RM_RISE = 0.02
-RM_SPREAD_DROP = 4.0  # the per-step std falls at least 4x (measured ~50x)
-RM_KL_BOUND = 1.5  # nats per response (summed |log-ratio|), about twice the largest measured step value
-RM_HELD_OUT_SLACK = 0.03  # greedy held-out score may not fall more than this (3 std of its 64-prompt mean: 0.003)
+# Learning against the demo's reward model (configs/rm_tiny.yaml on the demo's helpfulness pairs: a right answer
+# over a far-off wrong one, or over a less explained right one; 1.0 held-out pair accuracy), which also starts the
+# critic. The SFT start answers in the short style when greedy (its data: 80% short, 20% verbose answers), which
+# this reward model scores ~2.1; it scores a verbose answer ~4.7. PPO with configs/ppo_tiny.yaml's settings for it
+# moves the greedy answers to the verbose style. Measured (150 steps, the first 25 training only the critic,
+# ~65 s; seeds 1234 and 7): held-out greedy score 2.062 (std 0.642) -> 4.661 / 4.659 (std 0.005 / 0.007), every
+# answer verbose (12 tokens) and ended, the summed KL per response at most 7.97 / 7.44. The settings matter:
+# - without reward.missing_eos_penalty the policy ran its answers into the token limit (is_end 0), which the
+#   reward model scored as highly (KL 20 - 60);
+# - at KL coefficient 0.05 - 0.1 it kept ending but dropped or garbled the explanation ("The answer is 4 because
+#   4 makes 6."), which this small reward model still pays for: held-out exact answers fell 0.31 -> 0.05 - 0.16.
+#   At 0.2 the answers keep the SFT model's verbose form and its accuracy (0.312 -> 0.281 / 0.281).
+# The exact-answer checker rides along at weight 0 (a metric only) to watch for that.
+RM_STEPS, RM_WARMUP = 150, 25
+# The start's held-out greedy scores have a std of 0.64 over the 64 prompts (its mean's standard error 0.08): a
+# rise of 1.5 is over twice one prompt's spread and ~19 standard errors of the mean (measured 2.60).
+RM_RISE = 1.5
+RM_KL_BOUND = 12.0  # nats per response (summed |log-ratio| of the sampled responses) at every step; ~1.5x measured
+RM_END_FRACTION = 0.95  # held-out greedy answers that end (measured 1.0)
+RM_ACCURACY_SLACK = 0.15  # held-out exact answers may fall this much (measured -0.03; garbling runs -0.16, -0.27)
 
 
 @pytest.mark.slow
-def test_the_reward_model_score_rises_while_the_kl_stays_bounded(sft_start, demo_rm, tmp_path):
+def test_the_reward_model_score_of_greedy_answers_rises_while_the_kl_stays_bounded(sft_start, demo_rm, tmp_path):
     overrides = [
         *rl_run_overrides(sft_start, tmp_path / "run", val=True),
-        f"reward.terms=[{{model: '{demo_rm}'}}]",
+        f"reward.terms=[{{model: '{demo_rm}'}}, {{function: 'aligner.rewards.arithmetic:exact_answer', weight: 0.0}}]",
         "ppo.critic_init=reward_model",
-        "generation.temperature=1.0",  # the measured setting above (the config samples at 0.7)
         f"ppo.critic_warmup_steps={RM_WARMUP}",
         f"trainer.max_steps={RM_STEPS}",
         f"trainer.val_every={RM_STEPS}",
     ]
     (result,) = run_distributed(ppo_worker, 1, args=(overrides,))
-    history = result["history"]
-    warmup = [step["reward_mean"] for step in history[:RM_WARMUP]]
-    trained = [step["reward_mean"] for step in history[-RM_WARMUP:]]
-    before, after = sum(warmup) / len(warmup), sum(trained) / len(trained)
-    spread_before = sum(step["reward_std"] for step in history[:RM_WARMUP]) / RM_WARMUP
-    spread_after = sum(step["reward_std"] for step in history[-RM_WARMUP:]) / RM_WARMUP
-    kl_max = max(step["kl_sum"] for step in history)
-    start, end = (result["val"][index]["reward_mean"] for index in (0, -1))
+    first, last = result["val"][0], result["val"][-1]
+    assert [first["step"], last["step"]] == [0, RM_STEPS]
+    start, end = first["reward_reward_model_mean"], last["reward_reward_model_mean"]
+    kl_max = max(step["kl_sum"] for step in result["history"])
     print(
-        f"reward model score {before:.3f} -> {after:.3f}, max KL {kl_max:.3f}; held-out greedy {start:.3f} -> {end:.3f}"
+        f"reward model score of held-out greedy answers {start:.3f} (std {first['reward_reward_model_std']:.3f}) -> "
+        f"{end:.3f} (std {last['reward_reward_model_std']:.3f}); response length {first['response_length_mean']:.2f}"
+        f" -> {last['response_length_mean']:.2f}; ended {last['is_end_fraction']:.3f}; max KL {kl_max:.3f}; "
+        f"exact answers {first['reward_exact_answer_mean']:.3f} -> {last['reward_exact_answer_mean']:.3f}"
     )
-    assert after - before >= RM_RISE, (before, after)
-    assert spread_after * RM_SPREAD_DROP <= spread_before, (spread_before, spread_after)
+    assert end - start >= RM_RISE, (start, end)
+    assert last["is_end_fraction"] >= RM_END_FRACTION, last
     assert kl_max <= RM_KL_BOUND, kl_max
-    assert end >= start - RM_HELD_OUT_SLACK, (start, end)
+    assert last["reward_exact_answer_mean"] >= first["reward_exact_answer_mean"] - RM_ACCURACY_SLACK, (first, last)
 
 
 # Learning the exact answer: the critic starts from the policy (the SFT model with a new value head) and trains
 # alone for the first 25 steps; then 475 steps of 16 prompts x 8 samples at temperature 0.7, one actor and one
-# critic update each, lr 5e-4 decayed to 1e-5 (configs/ppo_tiny.yaml with the exact-answer reward). Measured (one
-# CPU thread, ~125 s): held-out greedy accuracy 0.36 -> 0.67, 0.61, 0.62, 0.61 (seeds 1234, 7, 11, 3), training
-# reward (first / last 50 steps) 0.46 -> 0.81 - 0.83. At temperature 1.0 the same runs ended at 0.47 - 0.56: the
-# samples drift further from the greedy answer the test measures. Held-out accuracy dips for the first 100 - 200
-# steps (to 0.08 - 0.47) while the critic learns the problems' values, and recovers after.
+# critic update each, lr 5e-4 decayed to 1e-5 (configs/ppo_tiny.yaml with the exact-answer reward and KL coefficient
+# 0.01). Measured (one CPU thread, ~125 s): held-out greedy accuracy 0.312 -> 0.781 / 0.672 (seeds 1234 / 7),
+# training reward (first / last 50 steps) 0.53 -> 0.92. Held-out accuracy dips for the first 100 steps (to
+# 0.19 - 0.30) while the critic learns the problems' values, and recovers after.
 ARITHMETIC_STEPS, ARITHMETIC_WARMUP, WINDOW = 500, 25, 50
 TRAIN_RISE = 0.15  # the window means' standard error is ~0.02 (128 binary rewards per step)
-HELD_OUT_RISE = 0.2  # the issue's; the 4 measured runs cleared it by 0.05 - 0.11
+HELD_OUT_RISE = 0.2  # the issue's; the measured runs cleared it by 0.16 - 0.27
 
 
 @pytest.mark.slow
@@ -232,14 +234,15 @@ def test_exact_answer_training_reward_and_held_out_accuracy_rise(sft_start, tmp_
         *rl_run_overrides(sft_start, tmp_path / "run", val=True),
         "reward.terms=[{function: 'aligner.rewards.arithmetic:exact_answer'}]",
         "ppo.critic_init=policy",
+        "ppo.kl_coef=0.01",
         f"ppo.critic_warmup_steps={ARITHMETIC_WARMUP}",
         f"trainer.max_steps={ARITHMETIC_STEPS}",
         f"trainer.val_every={ARITHMETIC_STEPS}",
     ]
     (result,) = run_distributed(ppo_worker, 1, args=(overrides,))
-    rewards = [step["reward_mean"] for step in result["history"]]
+    rewards = [step["reward_exact_answer_mean"] for step in result["history"]]
     first, last = sum(rewards[:WINDOW]) / WINDOW, sum(rewards[-WINDOW:]) / WINDOW
-    start, end = (result["val"][index]["reward_mean"] for index in (0, -1))
+    start, end = (result["val"][index]["reward_exact_answer_mean"] for index in (0, -1))
     print(f"ppo: training reward {first:.3f} -> {last:.3f}, held-out greedy accuracy {start:.3f} -> {end:.3f}")
     assert last - first >= TRAIN_RISE, (first, last)
     assert end - start >= HELD_OUT_RISE or end >= 0.9, (start, end)

@@ -66,13 +66,14 @@ def mechanics(start: Path, run_dir: Path, *extra: str, reward: str = SPREAD_REWA
 # Learning: one round of configs/rs_tiny.yaml (all 512 training prompts x 16 samples, the right answers kept,
 # 8 SFT passes: 128 steps at lr 1e-3, cosine). Greedy accuracy on the held-out prompts
 # (data/rl_prompt/val.jsonl: 64 rows of 20 problems neither the SFT nor the RL data show; one problem is
-# ~0.05) before and after. Measured here (2 CPU threads, ~15 s a run): 0.359 -> 0.672 with the config's
-# seed; over 13 seeds (trainer.seed) 0.594 - 0.734, the smallest rise +0.235. The control runs the same round
-# without a selection (one sample per prompt, kept whatever its reward: SFT on the model's own samples):
-# 0.359 -> 0.141 with the config's seed, 0.078 - 0.266 over 6 seeds. So the rise comes from the selection,
-# not from more SFT.
+# ~0.05) before and after. Measured here (2 CPU threads, ~15 s a run): 0.312 -> 0.672 with the config's
+# seed; 0.719, 0.781, 0.719 with seeds 7, 11, 3 (trainer.seed), the smallest rise +0.36. The control runs the
+# same round without a selection (one sample per prompt, kept whatever its reward: SFT on the model's own
+# samples): 0.312 -> 0.250 with the config's seed, 0.375 and 0.359 with seeds 7 and 11. So the rise comes from
+# the selection, not from more SFT: the selected round ends 0.34 - 0.42 above the control with the same seed.
 LEARNING_STEPS = 128
-HELD_OUT_RISE = 0.15  # every measured seed cleared +0.235; three problems' worth of margin below it
+HELD_OUT_RISE = 0.15  # every measured seed cleared +0.36; also the least the selection must add over the control
+CONTROL_SLACK = 0.1  # the control may end a problem or two above the start (measured -0.06 - +0.06), no more
 NO_SELECTION = ["rs.samples_per_prompt=1", "rs.min_reward=null"]
 
 
@@ -94,7 +95,8 @@ def test_one_round_raises_held_out_accuracy_and_no_selection_does_not(sft_start,
     assert end - start >= HELD_OUT_RISE, accuracy
     unselected_start, unselected_end = accuracy["unselected"]
     assert unselected_start == start
-    assert unselected_end <= start, accuracy
+    assert unselected_end <= start + CONTROL_SLACK, accuracy
+    assert end - unselected_end >= HELD_OUT_RISE, accuracy
 
 
 def test_kept_set_statistics_are_logged_and_consistent(sft_start, tmp_path):

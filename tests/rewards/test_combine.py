@@ -146,7 +146,12 @@ def test_the_reward_section_loads_from_yaml(tmp_path):
     ]
     assert [term.metric_name for term in config.reward.terms] == ["exact_answer", "helpful"]
     assert config.reward.model_micro_batch_size == 4
-    assert [key for key, _, _ in describe_keys(OnlineConfig)] == ["reward.terms", "reward.model_micro_batch_size"]
+    assert config.reward.missing_eos_penalty == 0.0
+    assert [key for key, _, _ in describe_keys(OnlineConfig)] == [
+        "reward.terms",
+        "reward.model_micro_batch_size",
+        "reward.missing_eos_penalty",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -162,6 +167,12 @@ def test_the_reward_section_loads_from_yaml(tmp_path):
         (["reward.terms=[{function: 'x:score'}, {function: 'y:score'}]"], r"several terms are named \['score'\]"),
         (["reward.terms=[{model: a}, {model: b}]"], r"named \['reward_model'\]"),
         (["reward.model_micro_batch_size=0"], "model_micro_batch_size must be >= 1"),
+        (["reward.missing_eos_penalty=-1.0"], "missing_eos_penalty must be a finite number >= 0"),
+        (["reward.missing_eos_penalty=.inf"], "missing_eos_penalty must be a finite number >= 0"),
+        (
+            ["reward.terms=[{function: 'a:b', name: missing_eos}]", "reward.missing_eos_penalty=1.0"],
+            "the missing-eos penalty's metric",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):
@@ -186,3 +197,24 @@ def test_building_from_the_config_resolves_functions_and_needs_a_term():
         build_rewards(RewardConfig())
     with pytest.raises(ConfigError, match="no module named 'no_such_reward_module'"):
         build_rewards(RewardConfig(terms=[RewardTerm(function="no_such_reward_module:score")]))
+
+
+def test_the_missing_eos_penalty_is_subtracted_from_responses_that_never_ended():
+    exact = RewardTerm(function="aligner.rewards.arithmetic:exact_answer")
+    config = RewardConfig(terms=[exact], missing_eos_penalty=2.5)
+    rewards = build_rewards(config)
+    prompts, responses = ["What is 2 + 2?"] * 4, ["4", "The answer is 4 because", "5", "The answer is"]
+    is_end = torch.tensor([True, False, True, False])
+    scored = rewards.score(RewardInputs(prompts, responses, [{}] * 4, is_end=is_end))
+    # exact answer [1, 1, 0, 0] (the cut-off one states 4 too), minus 2.5 where the response never ended
+    assert scored.total.tolist() == [1.0, 1.0 - 2.5, 0.0, -2.5]
+    assert scored.terms["missing_eos"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert scored.metrics["reward_missing_eos_mean"] == 0.5
+    with pytest.raises(ValueError, match="needs the rollouts' is_end"):
+        rewards.score(RewardInputs(prompts, responses, [{}] * 4))
+    with pytest.raises(ValueError, match="one row per rollout"):
+        RewardInputs(prompts, responses, [{}] * 4, is_end=is_end[:3])
+    # no penalty: no term, and is_end is not needed
+    plain = build_rewards(RewardConfig(terms=config.terms))
+    assert [term.name for term in plain.terms] == ["exact_answer"]
+    assert plain.score(RewardInputs(prompts, responses, [{}] * 4)).total.tolist() == [1.0, 1.0, 0.0, 0.0]
