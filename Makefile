@@ -93,7 +93,7 @@ DEMO_ppo := -m aligner.recipes.ppo --config configs/ppo_tiny.yaml $(call demo_pa
 # The RL stage (its DEMO_<name> line above): make demo DEMO_RL=<name>
 DEMO_RL ?= grpo
 # From the RL stage's export. dpo_tiny's beta 0.1 at lr 1e-3 (tuned from SFT) takes the RL model's held-out
-# accuracy from 0.56 to 0.03; beta 1 at lr 1e-4 learns the pairs (val accuracy 0.89) and keeps it. Logged every
+# accuracy from 0.56 to 0.03; beta 1 at lr 1e-4 learns the pairs (val accuracy 0.86) and keeps it. Logged every
 # 2 of its 40 steps for the curves.
 DEMO_dpo := -m aligner.recipes.dpo --config configs/dpo_tiny.yaml $(call demo_paths,preference,dpo) \
 	model.hf_path=$(DEMO_RUNS)/$(DEMO_RL)/hf dpo.beta=1.0 optim.lr=1e-4 optim.min_lr=1e-5 trainer.log_every=2

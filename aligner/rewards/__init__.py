@@ -13,7 +13,12 @@
 
 from aligner.rewards.combine import CombinedReward, RewardScores, WeightedReward, build_rewards, reward_metrics
 from aligner.rewards.config import RewardConfig, RewardTerm
-from aligner.rewards.functions import FunctionReward, check_reward_values, resolve_reward_function
+from aligner.rewards.functions import (
+    FunctionReward,
+    RewardFunctionError,
+    check_reward_values,
+    resolve_reward_function,
+)
 from aligner.rewards.inputs import Prompt, RewardInputs
 
 __all__ = [
@@ -21,6 +26,7 @@ __all__ = [
     "FunctionReward",
     "Prompt",
     "RewardConfig",
+    "RewardFunctionError",
     "RewardInputs",
     "RewardScores",
     "RewardTerm",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch import Tensor
 
 from aligner.rewards.config import MISSING_EOS, RewardConfig
@@ -169,10 +170,13 @@ def build_rewards(config: RewardConfig, *, pad_token_id: int = 0) -> CombinedRew
     from aligner.rewards.functions import FunctionReward
 
     config.check()
+    # the ranks that hold the same rollouts (tensor and pipeline parallel): a function runs on one of them
+    initialized = parallel_state.model_parallel_is_initialized()
+    same_rollouts = parallel_state.get_model_parallel_group() if initialized else None
     terms = []
     for term in config.terms:
         if term.function is not None:
-            reward: Reward = FunctionReward.from_spec(term.function, term.metric_name)
+            reward: Reward = FunctionReward.from_spec(term.function, term.metric_name, group=same_rollouts)
         else:
             from aligner.rewards.model import RewardModelScorer
 

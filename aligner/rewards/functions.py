@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from aligner.config import ConfigError
@@ -112,25 +113,61 @@ def check_reward_values(values: Any, count: int, name: str) -> list[float]:
 class FunctionReward:
     """A Python reward function, called on a batch and checked.
 
+    Under tensor or pipeline parallelism every rank of a model-parallel group holds the same
+    rollouts. With that ``group`` given, the function runs once per group, on its first rank, and
+    the scores are broadcast to the others: an expensive function (a code sandbox, a judge model)
+    is not run once per rank, and one that is not deterministic (sampling, a remote service) still
+    gives every rank of the group the same rewards, so their shards of the model train on the same
+    advantages. An error the function raises (or a bad return value) fails every rank of the group
+    with the function's message.
+
     Args:
         function: ``function(prompts, responses, extras) -> Sequence[float]``.
         name: how errors and metrics name it (default: the function's ``__name__``).
+        group: the ranks that hold the same rollouts (megatron's model-parallel group); None: this
+            rank scores its own rollouts.
     """
 
-    def __init__(self, function: RewardFunction, name: str | None = None) -> None:
+    def __init__(
+        self, function: RewardFunction, name: str | None = None, *, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.function = function
         self.name = name or getattr(function, "__name__", type(function).__name__)
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
 
     @classmethod
-    def from_spec(cls, spec: str, name: str | None = None) -> FunctionReward:
+    def from_spec(cls, spec: str, name: str | None = None, *, group: dist.ProcessGroup | None = None) -> FunctionReward:
         """The function ``spec`` (``module:function``) names; see :func:`resolve_reward_function`."""
-        return cls(resolve_reward_function(spec), name or split_spec(spec)[1].rsplit(".", 1)[-1])
+        return cls(resolve_reward_function(spec), name or split_spec(spec)[1].rsplit(".", 1)[-1], group=group)
 
     def __call__(self, inputs: RewardInputs) -> Tensor:
-        """``[N]`` float32 rewards of the ``N`` rollouts.
+        """``[N]`` float32 rewards of the ``N`` rollouts; a collective over ``group`` when there is one.
 
         Raises:
-            ValueError: see :func:`check_reward_values`; whatever the function raises passes through.
+            ValueError: see :func:`check_reward_values`; whatever the function raises passes through
+                (on the group's first rank; the others raise :class:`RewardFunctionError` with its message).
         """
+        if self.group is None:
+            return torch.tensor(self._values(inputs), dtype=torch.float32)
+        source = dist.get_process_group_ranks(self.group)[0]
+        error: BaseException | None = None
+        payload: list[Any] = [None]
+        if dist.get_rank() == source:
+            try:
+                payload = [self._values(inputs)]
+            except Exception as raised:  # every rank of the group must hear of it, or the others wait forever
+                error, payload = raised, [f"{type(raised).__name__}: {raised}"]
+        dist.broadcast_object_list(payload, src=source, group=self.group)
+        if error is not None:
+            raise error
+        if isinstance(payload[0], str):
+            raise RewardFunctionError(f"reward function {self.name} failed on rank {source}: {payload[0]}")
+        return torch.tensor(payload[0], dtype=torch.float32)
+
+    def _values(self, inputs: RewardInputs) -> list[float]:
         values = self.function(list(inputs.prompts), list(inputs.responses), list(inputs.extras))
-        return torch.tensor(check_reward_values(values, len(inputs), self.name), dtype=torch.float32)
+        return check_reward_values(values, len(inputs), self.name)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function failed on the rank that runs it for this rank's model-parallel group."""

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from distributed import run_distributed
 
 from aligner.config import ConfigError
 from aligner.rewards import FunctionReward, RewardInputs, check_reward_values, resolve_reward_function
@@ -89,3 +90,55 @@ def test_inputs_must_have_one_row_per_rollout():
         RewardInputs(PROMPTS, RESPONSES, EXTRAS, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, dtype=torch.long))
     with pytest.raises(ValueError, match="tokens and lengths together"):
         RewardInputs(PROMPTS, RESPONSES, EXTRAS, torch.zeros(3, 4, dtype=torch.long))
+
+
+def model_parallel_worker(tp: int, pp: int) -> dict:
+    """Score two rollouts with the fixtures that differ by rank, at this layout."""
+    import reward_fixtures
+
+    from aligner.parallel import initialize
+    from aligner.rewards import RewardConfig, RewardTerm, build_rewards
+
+    initialize(tp=tp, pp=pp)
+    two = RewardInputs(PROMPTS[:2], RESPONSES[:2], EXTRAS[:2])
+
+    def score(spec: str):
+        try:
+            return build_rewards(RewardConfig(terms=[RewardTerm(function=spec)])).score(two).total.tolist()
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    scores = score("reward_fixtures:rank_dependent")
+    return {
+        "scores": scores,
+        "calls": list(reward_fixtures.CALLS),
+        "raises": score("reward_fixtures:fails_on_rank_zero"),
+        "nan": score("reward_fixtures:nan_on_rank_zero"),
+        "after": score("reward_fixtures:response_length"),  # the group is still usable after the errors
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_a_model_parallel_group_runs_the_function_once_and_shares_its_scores(layout):
+    rank0, rank1 = run_distributed(model_parallel_worker, 2, args=layout)
+    # both ranks hold the same rollouts: rank 0 scores them, rank 1 gets rank 0's scores without calling
+    assert rank0["scores"] == rank1["scores"] == [0.0, 1.0]
+    assert (rank0["calls"], rank1["calls"]) == ([0], [])
+    # an error on the scoring rank fails both: its own error there, named with its message on the other
+    assert rank0["raises"] == "ConnectionError: judge unreachable"
+    assert rank1["raises"] == (
+        "RewardFunctionError: reward function fails_on_rank_zero failed on rank 0: ConnectionError: judge unreachable"
+    )
+    assert rank0["nan"].startswith("ValueError: reward function nan_on_rank_zero returned non-finite values")
+    assert rank1["nan"].startswith("RewardFunctionError: reward function nan_on_rank_zero failed on rank 0: ValueError")
+    assert rank0["after"] == rank1["after"] == [1.0, 16.0]
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_score_their_own_rollouts():
+    rank0, rank1 = run_distributed(model_parallel_worker, 2, args=(1, 1))
+    assert (rank0["scores"], rank1["scores"]) == ([0.0, 1.0], [10.0, 11.0])
+    assert (rank0["calls"], rank1["calls"]) == ([0], [1])
+    assert rank0["raises"] == "ConnectionError: judge unreachable"
+    assert rank1["raises"] == [0.0, 0.0]
