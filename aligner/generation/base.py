@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +89,39 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+
+STOP_STRING_SLACK = 8  # characters decoded beyond the longest stop string (see ends_with_stop_string)
+
+
+def ends_with_stop_string(
+    response: Sequence[int], stop_strings: Sequence[str], detokenize: Callable[[Sequence[int]], str]
+) -> bool:
+    """Whether the decoded text of ``response`` contains one of ``stop_strings``, given that it did not
+    before the last token (the engines ask after every token, so a row stops at the first that does).
+
+    Only the tail is decoded: the last ``k`` tokens, ``k`` from the longest stop string's length plus
+    :data:`STOP_STRING_SLACK` characters and doubled until their text is that long (or the whole
+    response), so a step costs the same at any response length, where decoding the whole response
+    every step is quadratic in it. A new occurrence ends in the text the last token changed, so it
+    lies in that tail; decoding from inside the response can only differ in the first few characters
+    of the tail (a UTF-8 character cut at the window's start decodes as U+FFFD, a tokenizer may drop
+    the first space), which the slack covers.
+
+    Args:
+        response: the response's token ids so far.
+        stop_strings: non-empty texts.
+        detokenize: token ids -> text (the tokenizer's ``decode``).
+    """
+    if not stop_strings or not response:
+        return False
+    wanted = max(len(stop) for stop in stop_strings) + STOP_STRING_SLACK
+    count = min(len(response), wanted)
+    while True:
+        text = detokenize(response[-count:])
+        if len(text) >= wanted or count == len(response):
+            return any(stop in text for stop in stop_strings)
+        count = min(len(response), 2 * count)
 
 
 @dataclass

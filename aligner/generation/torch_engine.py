@@ -62,7 +62,14 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import Tensor
 
-from aligner.generation.base import Engine, HFWeightBuckets, Rollouts, SamplingParams, StaleWeightsError
+from aligner.generation.base import (
+    Engine,
+    HFWeightBuckets,
+    Rollouts,
+    SamplingParams,
+    StaleWeightsError,
+    ends_with_stop_string,
+)
 from aligner.generation.refit import hf_weight_buckets, unwrap_model
 from aligner.generation.sampling import sample_as
 from aligner.models.config import ModelConfig
@@ -534,18 +541,16 @@ class TorchEngine(Engine):
     def stop_reason_of(self, response: list[int], sampling: SamplingParams) -> str | None:
         """Why a row whose response is now ``response`` stops, or None if it goes on.
 
-        Stop strings decode the whole response at every step (simple and exact across
-        token boundaries; quadratic in the response length, cheap next to the forwards here).
+        Asked after every token of the row. Stop strings are matched on the decoded text across
+        token boundaries, decoding only the response's tail (:func:`~aligner.generation.base.ends_with_stop_string`).
         """
         token = response[-1]
         if token in self.eos_token_ids:
             return "eos"
         if token in sampling.stop_token_ids:
             return "stop_token"
-        if sampling.stop_strings:
-            text = self.detokenize(response)
-            if any(stop in text for stop in sampling.stop_strings):
-                return "stop_string"
+        if sampling.stop_strings and ends_with_stop_string(response, sampling.stop_strings, self.detokenize):
+            return "stop_string"
         if len(response) >= sampling.max_new_tokens:
             return "length"
         return None

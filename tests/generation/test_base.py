@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from aligner.generation.base import Engine, Rollouts, SamplingParams, StaleWeightsError
+from aligner.generation.base import (
+    STOP_STRING_SLACK,
+    Engine,
+    Rollouts,
+    SamplingParams,
+    StaleWeightsError,
+    ends_with_stop_string,
+)
 from aligner.generation.refit import bucket_named_tensors
 
 
@@ -118,3 +125,105 @@ def test_buckets_are_bounded_and_keep_every_tensor_in_order():
     assert [len(bucket) for bucket in buckets] == [3, 1, 2, 1]
     with pytest.raises(ValueError, match="bucket_bytes"):
         list(bucket_named_tensors(named, 0))
+
+
+# --- stop strings: the tail of the text, as the whole text -------------------------------------------------------
+
+# Byte-level pieces, as a byte-level BPE vocabulary holds them: empty ones (a tokenizer's decode may give a token
+# no text), halves of multi-byte characters, pieces of the stop strings.
+PIECES = [
+    b"",
+    b"",
+    b"a",
+    b"b",
+    b"ab",
+    b" ",
+    b"\n",
+    b"\n\n",
+    b"</",
+    b"answer",
+    b">",
+    "é".encode(),
+    "é".encode()[:1],
+    "é".encode()[1:],
+    "€".encode()[:2],
+    "€".encode()[2:],
+    b"x" * 7,
+]
+STOPS = ["\n\n", "</answer>", "é", "€ab", "ab" * 12]
+
+
+def byte_pieces_text(ids) -> str:
+    return b"".join(PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def first_stop(ids, stops, detokenize, *, whole: bool) -> int | None:
+    """The first prefix length whose text holds a stop string: by the whole text, or as the engines ask."""
+    for end in range(1, len(ids) + 1):
+        found = (
+            any(s in detokenize(ids[:end]) for s in stops)
+            if whole
+            else ends_with_stop_string(ids[:end], stops, detokenize)
+        )
+        if found:
+            return end
+    return None
+
+
+@pytest.mark.parametrize("empty_share", [0.0, 0.5, 0.8], ids=["no-empty", "half-empty", "mostly-empty"])
+def test_a_stop_string_is_found_at_the_token_that_completes_it_as_in_the_whole_text(empty_share):
+    found = 0
+    for _ in range(300):
+        weights = torch.ones(len(PIECES))
+        weights[:2] = empty_share / (1 - empty_share) * (len(PIECES) - 2) / 2 if empty_share else 0.0
+        ids = torch.multinomial(weights, 120, replacement=True).tolist()
+        stops = [STOPS[i] for i in torch.randperm(len(STOPS))[: int(torch.randint(1, 4, ()))]]
+        expected = first_stop(ids, stops, byte_pieces_text, whole=True)
+        assert first_stop(ids, stops, byte_pieces_text, whole=False) == expected, (ids, stops)
+        found += expected is not None
+    assert found > 30  # the comparison covered stops found, not only responses without one
+    # a stop string whose pieces lie far apart, empty tokens between them: found at its last piece
+    ids = [8, *[0] * 40, 9, *[1] * 40, 10]  # "</", "answer", ">"
+    assert first_stop(ids, ["</answer>"], byte_pieces_text, whole=False) == len(ids)
+
+
+def test_a_stop_string_is_found_as_in_the_whole_text_with_a_trained_tokenizer(tmp_path):
+    from aligner.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    stops = ["\n\n", "answer is 1", "é", "Ā"]
+    # the tokens of texts near the stop strings (multi-byte characters as byte tokens) and random ones
+    texts = ["The answer is 12.", "\n", "\n\n", "é", "Ā€", " answer", " is", " 1"]
+    pool = torch.tensor(sorted({i for text in texts for i in tokenizer(text)["input_ids"]}))
+    found = 0
+    for _ in range(100):
+        ids = torch.where(
+            torch.rand(80) < 0.8, pool[torch.randint(0, len(pool), (80,))], torch.randint(0, len(tokenizer), (80,))
+        )
+        ids = ids.tolist()
+        expected = first_stop(ids, stops, tokenizer.decode, whole=True)
+        assert first_stop(ids, stops, tokenizer.decode, whole=False) == expected, (ids, stops)
+        found += expected is not None
+    assert found > 30
+
+
+def test_a_stop_string_check_decodes_a_bounded_tail():
+    decoded = []
+
+    def counting(ids) -> str:
+        decoded.append(len(ids))
+        return byte_pieces_text(ids)
+
+    ids = [2, 3] * 1500  # "abab...", 3000 tokens
+    stops = ["\n\n", "</answer>"]
+    for end in range(1, len(ids) + 1):
+        assert not ends_with_stop_string(ids[:end], stops, counting)
+    # one-character tokens: the tail is the longest stop string and the slack, whatever the response's length
+    assert max(decoded) == len("</answer>") + STOP_STRING_SLACK
+    # mostly empty tokens: the tail doubles until it holds that many characters
+    decoded.clear()
+    ids = ([0] * 30 + [2]) * 40
+    for end in range(1, len(ids) + 1):
+        ends_with_stop_string(ids[:end], stops, counting)
+    assert max(decoded) <= 2 * 31 * (len("</answer>") + STOP_STRING_SLACK)
+    assert ends_with_stop_string([], stops, counting) is False and ends_with_stop_string([7], [], counting) is False
