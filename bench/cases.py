@@ -25,6 +25,9 @@ SMALL_OPS_SHAPE = (32, 256) if QUICK else (256, 1024)  # (batch, seq)
 GROUPS = (64, 8) if QUICK else (4096, 16)  # (prompts, samples per prompt)
 # (tokens, hidden, vocab) of the LM head: Llama-2-sized and Llama-3-sized vocabularies.
 LINEAR_SHAPES = ((256, 128, 4096),) if QUICK else ((4096, 1024, 32768), (4096, 1024, 128256))
+# (rows, hidden, vocab) of a greedy decode step: the engine bench's model (bench/generation_speed.py) at
+# batch 32 and 8, and a Llama-3-sized vocabulary.
+GREEDY_SHAPES = ((8, 64, 4096),) if QUICK else ((32, 256, 32768), (8, 256, 32768), (32, 1024, 128256))
 
 TORCH, ALIGNER, EXP_FLOOR = "torch", "aligner", "exp floor"
 FUSED, LOGPROBS_ONLY = "aligner fused", "aligner token_logprobs"
@@ -48,6 +51,13 @@ def torch_token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tenso
     """-(softmax * log_softmax).sum(-1): [N, V] -> [N]."""
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     return -(torch.softmax(scaled, dim=-1) * torch.log_softmax(scaled, dim=-1)).sum(-1)
+
+
+def torch_greedy_step(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's head: the logits, their argmax, and its log_softmax: [N, H] x [V, H] -> ([N], [N])."""
+    logits = hidden @ weight.T
+    tokens = logits.argmax(dim=-1)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def torch_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -337,6 +347,45 @@ def linear_specs() -> list[GroupSpec]:
     return specs
 
 
+def _greedy_step(rows: int, hidden_size: int, vocab: int) -> list[Case]:
+    hidden, weight, _ = _linear_inputs(rows, hidden_size, vocab)
+    read = hidden.nbytes + weight.nbytes
+    return [
+        Case(TORCH, lambda: torch_greedy_step(hidden, weight), read),
+        Case(MATMUL_ONLY, lambda: hidden @ weight.T, read),
+        Case(ALIGNER, lambda: ops.linear_greedy(hidden, weight), read),
+    ]
+
+
+def greedy_specs() -> list[GroupSpec]:
+    """linear_greedy (a decode step's LM head, argmax and log-prob) against the logits, argmax and log_softmax.
+
+    On CPU (float32) it is the fused kernel and should beat even the matmul alone (it reads the weight once,
+    without BLAS's packing copy, and never writes the logits); on a GPU it composes the same torch ops.
+    """
+    on_cpu = bench_device().type == "cpu"
+    specs = []
+    for rows, hidden_size, vocab in GREEDY_SHAPES:
+        targets = (
+            (
+                Target("greedy step >= 2x torch", TORCH, ALIGNER, 2.0, at_least=True),
+                Target("greedy step no slower than the matmul alone", MATMUL_ONLY, ALIGNER, 1.0, at_least=True),
+            )
+            if on_cpu and rows >= 16
+            else ()
+        )
+        specs.append(
+            GroupSpec(
+                "LM head greedy step (linear_greedy)",
+                f"linear_greedy fp32 N={rows} H={hidden_size} V={vocab}",
+                (TORCH, MATMUL_ONLY, ALIGNER),
+                functools.partial(_greedy_step, rows, hidden_size, vocab),
+                targets,
+            )
+        )
+    return specs
+
+
 def _gae(loop, mask_mode: str) -> list[Case]:
     batch, seq = GAE_SHAPE
     rewards = torch.randn(batch, seq, device=bench_device())
@@ -423,4 +472,4 @@ def small_op_specs() -> list[GroupSpec]:
 
 def all_specs() -> list[GroupSpec]:
     """Every group, in the order run.py measures and prints them."""
-    return logprob_specs() + linear_specs() + gae_specs() + small_op_specs()
+    return logprob_specs() + linear_specs() + greedy_specs() + gae_specs() + small_op_specs()

@@ -167,7 +167,8 @@ def profile_run(fn) -> dict:
     """Self CPU time of ``fn()`` by op and input shapes (``torch.profiler``).
 
     Returns ``top``: ``(op and input shapes, self CPU ms, calls, share of the run's self CPU time)`` of the
-    PROFILE_TOP largest, and ``output_layer``: the share of the matmuls against the ``[hidden, V]`` weight.
+    PROFILE_TOP largest, and ``output_layer``: the share of the output layer (the matmuls against the
+    ``[hidden, V]`` weight, or the engine's fused greedy head ``aligner::linear_argmax``).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -177,7 +178,9 @@ def profile_run(fn) -> dict:
     total = sum(event.self_cpu_time_total for event in events)
     heads = ([ARCH["hidden_size"], ARCH["vocab_size"]], [ARCH["vocab_size"], ARCH["hidden_size"]])  # W.T or W
     output_layer = sum(
-        e.self_cpu_time_total for e in events if e.key == "aten::mm" and any(head in e.input_shapes for head in heads)
+        e.self_cpu_time_total
+        for e in events
+        if (e.key == "aten::mm" and any(head in e.input_shapes for head in heads)) or e.key == "aligner::linear_argmax"
     )
     top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
     return {
@@ -280,10 +283,10 @@ def report(results: list[dict]) -> tuple[str, bool]:
     )
     lines += [
         "",
-        f"The output layer's matmul (`aten::mm` against the [{ARCH['vocab_size']}, {ARCH['hidden_size']}] weight, "
-        f"all row counts) as a share of self CPU time: {shares}. Hugging Face computes it as `x @ W.T` "
-        "(`nn.Linear`); the engine as `(W @ x.T).T` (`aligner.generation.torch_engine._matmul`), the shape MKL runs "
-        "faster for a few rows, then copies the logits to row order for the sampler (the `aten::copy_` row).",
+        f"The output layer (`aten::mm` against the [{ARCH['vocab_size']}, {ARCH['hidden_size']}] weight, all row "
+        f"counts, or `aligner::linear_argmax`) as a share of self CPU time: {shares}. Hugging Face computes the "
+        "logits as `x @ W.T` (`nn.Linear`), copies them and takes their argmax; the engine's greedy step is one "
+        "fused `aligner::linear_argmax` (`aligner.ops.linear_greedy`: argmax and log-prob without the logits).",
     ]
     return "\n".join(lines), identical
 

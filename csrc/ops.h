@@ -32,6 +32,8 @@ using OptTensor = std::optional<Tensor>;
                                 bool scale_by_std, double eps);
 
 ALIGNER_DECLARE_OPS(cpu)
+// CPU only (csrc/cpu/linear_argmax.cpp): elsewhere aligner.ops.linear_argmax composes torch ops.
+std::tuple<Tensor, Tensor, Tensor> linear_argmax_cpu(const Tensor& hidden, const Tensor& weight);
 #ifdef ALIGNER_WITH_CUDA
 ALIGNER_DECLARE_OPS(cuda)
 // CUDA only (csrc/cuda/linear_ops_cuda.cpp): the CPU runs the chunked path in Python.

@@ -35,6 +35,9 @@ TORCH_LIBRARY(aligner, m) {
   m.def(
       "linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor labels, float temperature, int ignore_index, "
       "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  // The greedy decoding step of an LM head without the logits: per row of hidden [N, H] @ weight [V, H].T,
+  // (argmax [N] int64, the first of tied maxima; max logit [N]; log-sum-exp [N]), float32, CPU only.
+  m.def("linear_argmax(Tensor hidden, Tensor weight) -> (Tensor, Tensor, Tensor)");
 }
 
 #define ALIGNER_REGISTER_IMPLS(dev)                                               \
@@ -47,7 +50,10 @@ TORCH_LIBRARY(aligner, m) {
   m.impl("gae", &aligner::gae_##dev);                                             \
   m.impl("group_advantages", &aligner::group_advantages_##dev);
 
-TORCH_LIBRARY_IMPL(aligner, CPU, m){ALIGNER_REGISTER_IMPLS(cpu)}
+TORCH_LIBRARY_IMPL(aligner, CPU, m) {
+  ALIGNER_REGISTER_IMPLS(cpu)
+  m.impl("linear_argmax", &aligner::linear_argmax_cpu);
+}
 #ifdef ALIGNER_WITH_CUDA
 TORCH_LIBRARY_IMPL(aligner, CUDA, m) {
   ALIGNER_REGISTER_IMPLS(cuda)

@@ -74,6 +74,7 @@ from aligner.generation.refit import hf_weight_buckets, unwrap_model
 from aligner.generation.sampling import sample_as
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import mask_padded_vocab
+from aligner.ops.greedy import linear_greedy, uses_fused_kernel
 from aligner.parallel import megatron_cpu
 
 log = logging.getLogger(__name__)
@@ -481,7 +482,7 @@ class TorchEngine(Engine):
                 key_valid = positions < prompt_lengths[:, None]  # [B, P]
                 mask = torch.ones(longest_prompt, longest_prompt, dtype=torch.bool, device=device).tril()
                 mask = mask[None, None] & key_valid[:, None, None, :]
-            logits = self._forward(
+            hidden = self._forward(
                 tokens[:, :longest_prompt], positions, longest_prompt, rope, cache, mask, last=prompt_lengths - 1
             )
             forwards, decode_rows = 1, 0
@@ -494,9 +495,7 @@ class TorchEngine(Engine):
             host_lengths = list(prompt_sizes)
             while True:
                 # step 2: draw one token per live row and record it
-                if logits.shape[-1] > self.vocab_size:
-                    logits = mask_padded_vocab(logits, self.vocab_size)
-                next_tokens, next_logprobs = sample_as(logits, sampling, generator=generator)
+                next_tokens, next_logprobs = self._draw(hidden, sampling, generator)
                 next_tokens = broadcast_from_tensor_parallel_source(next_tokens)
                 next_logprobs = broadcast_from_tensor_parallel_source(next_logprobs)
                 tokens[rows, live_lengths] = next_tokens
@@ -529,7 +528,7 @@ class TorchEngine(Engine):
                 mask = None
                 if min(host_lengths) < length:
                     mask = (torch.arange(length, device=device) <= positions)[:, None, None, :]  # [b, 1, 1, L]
-                logits = self._forward(next_tokens[:, None], positions, length, rope, cache, mask)
+                hidden = self._forward(next_tokens[:, None], positions, length, rope, cache, mask)
                 forwards += 1
                 decode_rows += len(row_list)
 
@@ -565,7 +564,7 @@ class TorchEngine(Engine):
         mask: Tensor | None,
         last: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``[b, padded_vocab]`` (gathered over tensor-parallel ranks) after feeding ``input_ids``.
+        """The final-normed hidden state ``[b, hidden]`` of each row's last position after feeding ``input_ids``.
 
         Args:
             input_ids: ``[b, s]`` tokens, at ``positions`` ``[b, s]`` of their rows.
@@ -574,7 +573,7 @@ class TorchEngine(Engine):
             cache: written at ``positions``; attention reads positions ``0..length - 1``.
             mask: ``[b, 1, s, L]`` bool, True where a query may attend a key; None: causal when
                 ``s > 1``, everything when ``s == 1``.
-            last: ``[b]`` index into ``s`` of the position whose logits to return; None: the last.
+            last: ``[b]`` index into ``s`` of the position whose state to return; None: the last.
         """
         model = self.model
         batch = input_ids.shape[0]
@@ -583,7 +582,35 @@ class TorchEngine(Engine):
         for index, layer in enumerate(model.decoder.layers):
             hidden = self._layer(index, layer, hidden, positions, length, cos, sin, cache, mask)
         hidden = hidden[-1] if last is None else hidden[last, torch.arange(batch, device=hidden.device)]
-        return self._head(model.decoder.final_layernorm(hidden))
+        return model.decoder.final_layernorm(hidden)
+
+    def _draw(
+        self, hidden: Tensor, sampling: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """The next token of each row and its log-prob as drawn, from the final-normed ``hidden`` ``[b, hidden]``.
+
+        Greedy on a single-rank CPU float32 head without a bias goes through the fused
+        :func:`aligner.ops.linear_greedy` over the real vocabulary's rows (the padding rows sliced
+        off): the same argmax and log-softmax as the logits path, without forming the ``[b, V]``
+        logits. Everything else forms the logits (:meth:`_head`) and samples from them.
+        """
+        weight = self._fused_greedy_weight(hidden) if sampling.greedy else None
+        if weight is not None:
+            return linear_greedy(hidden, weight[: self.vocab_size])
+        logits = self._head(hidden)
+        if logits.shape[-1] > self.vocab_size:
+            logits = mask_padded_vocab(logits, self.vocab_size)
+        return sample_as(logits, sampling, generator=generator)
+
+    def _fused_greedy_weight(self, hidden: Tensor) -> Tensor | None:
+        """The output weight ``[padded_vocab, hidden]`` if :func:`linear_greedy` can run the head, else None."""
+        model = self.model
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 or model.output_layer.bias is not None:
+            return None
+        if not uses_fused_kernel(hidden):
+            return None
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        return model.output_layer.weight if weight is None else weight
 
     def _layer(
         self,

@@ -48,6 +48,12 @@ def token_logprobs_and_entropy(
     return _gather_labels(log_probs, labels, ignore_index), _entropy_from_log_softmax(log_probs)
 
 
+def linear_argmax(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(argmax, max, logsumexp)`` over the last dim of ``hidden @ weight.T`` in float64. ``[..., H] -> [...]``."""
+    logits = hidden.double() @ weight.double().T
+    return logits.argmax(dim=-1), logits.max(dim=-1).values, logits.logsumexp(dim=-1)
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1") -> Tensor:
     """Per-element KL estimate of ``d = logprobs - ref_logprobs``.
 

@@ -57,4 +57,12 @@ const KLKernels& active_kl_kernels() {
   return kernels;
 }
 
+const LinearArgmaxKernel& active_linear_argmax_kernel() {
+  static const LinearArgmaxKernel kernels = capability() == Capability::kAvx512
+                                                 ? cap_avx512::linear_argmax_kernel()
+                                             : capability() == Capability::kAvx2 ? cap_avx2::linear_argmax_kernel()
+                                                                                 : cap_default::linear_argmax_kernel();
+  return kernels;
+}
+
 }  // namespace aligner::cpu

@@ -28,10 +28,19 @@ struct KLKernels {
   void (*backward)(const KLBackwardArgs& args, int64_t begin, int64_t end);
 };
 
-#define ALIGNER_DECLARE_CAPABILITY(ns) \
-  namespace ns {                       \
-  LogprobKernels logprob_kernels();    \
-  KLKernels kl_kernels();              \
+// Over weight rows [begin, end) of a LinearArgmaxArgs head (args.cols a
+// multiple of column_multiple, a tile's width): per-column partial results
+// (cols each): max logit, its first index, sum of exp(logit - max).
+struct LinearArgmaxKernel {
+  void (*argmax)(const LinearArgmaxArgs& args, int64_t begin, int64_t end, float* max, int64_t* index, float* sum_exp);
+  int64_t column_multiple;
+};
+
+#define ALIGNER_DECLARE_CAPABILITY(ns)         \
+  namespace ns {                               \
+  LogprobKernels logprob_kernels();            \
+  KLKernels kl_kernels();                      \
+  LinearArgmaxKernel linear_argmax_kernel(); \
   }
 ALIGNER_DECLARE_CAPABILITY(cap_default)
 ALIGNER_DECLARE_CAPABILITY(cap_avx2)
@@ -43,5 +52,6 @@ ALIGNER_DECLARE_CAPABILITY(cap_avx512)
 const char* active_capability();
 const LogprobKernels& active_logprob_kernels();
 const KLKernels& active_kl_kernels();
+const LinearArgmaxKernel& active_linear_argmax_kernel();
 
 }  // namespace aligner::cpu

@@ -511,3 +511,27 @@ def test_a_nan_anywhere_in_a_row_makes_the_row_nan(dtype):
     assert ent.isnan().tolist() == nan_rows
     assert x.grad.float().isnan().all(-1).tolist() == nan_rows
     assert x.grad.float().isnan().any(-1).tolist() == nan_rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_argmax_on_the_gpu_composes_cublas_and_the_row_ops(dtype):
+    """On a GPU, linear_greedy is F.linear (cuBLAS) + argmax + a float32 log-sum-exp: the engine's decode head.
+
+    Tokens equal the argmax of the same cuBLAS logits; the log-prob of each token is the float64
+    log-softmax of those logits (as rounded to ``dtype``) to float32 precision, and agrees with the
+    CPU fused kernel's on float32 inputs wherever the argmax is decided.
+    """
+    hidden = torch.randn(33, 256, device=CUDA).to(dtype)
+    weight = (torch.randn(32768, 256, device=CUDA) / 4).to(dtype)
+    tokens, logprobs = ops.linear_greedy(hidden, weight)
+    logits = hidden @ weight.T
+    assert torch.equal(tokens, logits.argmax(-1))
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert logprobs.dtype == torch.float32
+    assert_close(logprobs.double(), expected, atol=FORWARD_ULPS * FP32_ROUNDOFF * (1 + logits.abs().max().item()))
+    if dtype == torch.float32:
+        cpu_tokens, cpu_logprobs = ops.linear_greedy(hidden.cpu(), weight.cpu())
+        top2 = logits.double().topk(2, dim=-1).values
+        decided = ((top2[:, 0] - top2[:, 1]) > 1e-3).cpu()
+        assert torch.equal(cpu_tokens[decided], tokens.cpu()[decided])
+        assert_close(cpu_logprobs[decided].double(), logprobs.cpu()[decided].double(), atol=1e-4)

@@ -121,21 +121,24 @@ def _error(fn) -> str:
 
 
 class _CaptureLogits:
-    """Record the gathered logits ``[batch, padded_vocab]`` of every forward ``engine`` makes, until ``remove()``."""
+    """Record the gathered logits ``[batch, padded_vocab]`` every draw of ``engine`` is made from, until ``remove()``.
+
+    They are formed from the hidden states each draw gets, also where the draw itself does not form
+    them (greedy on the fused head: :func:`aligner.ops.linear_greedy`).
+    """
 
     def __init__(self, engine: TorchEngine, store: list):
-        head = engine._head
+        draw = engine._draw
 
-        def recording(hidden):
-            logits = head(hidden)
-            store.append(logits.clone())
-            return logits
+        def recording(hidden, sampling, generator):
+            store.append(engine._head(hidden).clone())
+            return draw(hidden, sampling, generator)
 
-        engine._head = recording
+        engine._draw = recording
         self.engine = engine
 
     def remove(self) -> None:
-        del self.engine._head  # the class's method again
+        del self.engine._draw  # the class's method again
 
 
 def tp1_worker(state_dict):
@@ -157,6 +160,11 @@ def tp1_worker(state_dict):
     with torch.no_grad():
         result["argmax"] = [_argmax_reference(model, p, MAX_NEW, CONFIG.vocab_size) for p in PROMPTS]
     result["solo"] = [engine.generate([p], GREEDY) for p in PROMPTS]
+    # greedy draws on the fused head (CPU float32, one rank); the same run through the logits
+    result["fused_head"] = engine._fused_greedy_weight(torch.zeros(1, CONFIG.hidden_size)) is not None
+    engine._fused_greedy_weight = lambda hidden: None
+    result["greedy_through_logits"] = engine.generate(PROMPTS, GREEDY)
+    del engine._fused_greedy_weight
 
     # log-probs: the logits each draw was made from, and a trainer's recompute
     result["as_drawn"] = {}
@@ -391,6 +399,14 @@ def test_greedy_equals_stepwise_argmax_of_full_forwards(tp1):
     assert out.stop_reason == ["length"] * len(PROMPTS) and not out.is_end.any()
     assert (out.lengths - out.prompt_lengths == MAX_NEW).all()
     assert tp1["training_after"], "generate must restore the model's training mode"
+
+
+@pytest.mark.slow
+def test_greedy_on_the_fused_head_equals_greedy_through_the_logits(tp1):
+    assert tp1["fused_head"], "a CPU float32 single-rank model should take the fused head"
+    fused, through_logits = tp1["greedy"], tp1["greedy_through_logits"]
+    assert _rows(fused) == _rows(through_logits)
+    torch.testing.assert_close(fused.logprobs, through_logits.logprobs, atol=AS_DRAWN_ATOL, rtol=0)
 
 
 @pytest.mark.slow

@@ -154,6 +154,8 @@ def _opcheck_cases():
         ("gae", (torch.randn(4, 9), torch.randn(4, 9), mask, 1.0, 0.95, True)),
         ("group_advantages", (torch.randn(12), None, 4, False, True, 1e-6)),
         ("group_advantages", (torch.randn(3, 4), _mask((3, 4)), 4, True, False, 1e-6)),
+        ("linear_argmax", (torch.randn(5, 24), torch.randn(4100, 24))),
+        ("linear_argmax", (torch.randn(0, 8), torch.randn(3, 8))),
     ]
 
 
@@ -174,6 +176,15 @@ def test_every_registered_op_has_an_opcheck_case():
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.aligner, name).default, args)
+
+
+def test_linear_greedy_compiles():
+    torch._dynamo.reset()
+    hidden, weight = torch.randn(2, 3, 16), torch.randn(50, 16)
+    tokens, logprobs = torch.compile(ops.linear_greedy, backend=BACKEND, fullgraph=True)(hidden, weight)
+    expected_tokens, expected_logprobs = ops.linear_greedy(hidden, weight)
+    assert torch.equal(tokens, expected_tokens)
+    _assert_close(logprobs, expected_logprobs)
 
 
 def test_linear_token_logprobs_label_check_runs_in_the_compiled_graph():

@@ -63,4 +63,15 @@ struct KLBackwardArgs {
   void* grad_logprobs;  // grad * d kl / d logprobs
 };
 
+// The LM head's greedy statistics over a range of weight rows (CPU, float32):
+// per column c of packed_hidden, over logits l_v = weight[v] . hidden[c], the
+// largest logit, its first index, and sum_v exp(l_v - max).
+struct LinearArgmaxArgs {
+  const float* packed_hidden;  // [hidden, cols]: hidden [rows, hidden] transposed, zero columns after rows
+  int64_t cols;                // a multiple of the kernel's column_multiple (vec_kernels.h)
+  int64_t hidden;
+  const float* weight;  // [vocab, hidden], row v at weight + v * weight_stride
+  int64_t weight_stride;
+};
+
 }  // namespace aligner
