@@ -29,23 +29,10 @@ void check_args(const Tensor& hidden, const Tensor& weight) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "linear_argmax: hidden must be [rows, hidden], got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "linear_argmax: weight must be [vocab, hidden], got shape ", weight.sizes());
   TORCH_CHECK_TYPE(hidden.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-                   "linear_argmax runs on float32 hidden and weight, got ", hidden.scalar_type(), " and ", weight.scalar_type());
+                   "linear_argmax runs on float32 hidden and weight, got ", hidden.scalar_type(), " and ",
+                   weight.scalar_type());
   TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "linear_argmax: weight [vocab, hidden] must have hidden size ",
                     hidden.size(1), ", got shape ", weight.sizes());
-}
-
-// hidden [rows, H] transposed into [H, cols] with zero columns after rows, and the kernel arguments over
-// `weight` (whose rows must be contiguous: the caller keeps `w` alive).
-LinearArgmaxArgs pack(const Tensor& hidden, const Tensor& w, int64_t column_multiple, Tensor& packed) {
-  const int64_t H = hidden.size(1);
-  const int64_t cols = round_up(std::max<int64_t>(hidden.size(0), 1), column_multiple);
-  packed = at::zeros({H, cols}, hidden.options());
-  packed.narrow(1, 0, hidden.size(0)).copy_(hidden.t());
-  return LinearArgmaxArgs{.packed_hidden = packed.const_data_ptr<float>(),
-                          .cols = cols,
-                          .hidden = H,
-                          .weight = w.const_data_ptr<float>(),
-                          .weight_stride = H == 0 ? 1 : w.stride(0)};
 }
 
 }  // namespace
@@ -66,9 +53,16 @@ std::tuple<Tensor, Tensor, Tensor> linear_argmax_cpu(const Tensor& hidden, const
   // Rows of the weight contiguous (a row-sliced weight, e.g. weight[:vocab], keeps its stride).
   const Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const cpu::LinearArgmaxKernel& kernels = cpu::active_linear_argmax_kernel();
-  Tensor packed;
-  const LinearArgmaxArgs args = pack(hidden.contiguous(), w, kernels.column_multiple, packed);
-  const int64_t cols = args.cols;
+  // hidden transposed, [H, cols], zero columns after the rows
+  const int64_t H = hidden.size(1);
+  const int64_t cols = round_up(rows, kernels.column_multiple);
+  Tensor packed = at::zeros({H, cols}, hidden.options());
+  packed.narrow(1, 0, rows).copy_(hidden.t());
+  const LinearArgmaxArgs args{.packed_hidden = packed.const_data_ptr<float>(),
+                              .cols = cols,
+                              .hidden = H,
+                              .weight = w.const_data_ptr<float>(),
+                              .weight_stride = H == 0 ? 1 : w.stride(0)};
 
   const int64_t chunks = (V + kChunkRows - 1) / kChunkRows;
   std::vector<float> part_max(chunks * cols), part_sum(chunks * cols);
@@ -76,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_argmax_cpu(const Tensor& hidden, const
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       kernels.argmax(args, c * kChunkRows, std::min(V, (c + 1) * kChunkRows), part_max.data() + c * cols,
-             part_index.data() + c * cols, part_sum.data() + c * cols);
+                     part_index.data() + c * cols, part_sum.data() + c * cols);
     }
   });
 
